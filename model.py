@@ -1,0 +1,350 @@
+"""The Qwen2 transformer, its value-model twin, and HF-compatible load/save over safetensors.
+
+Parameter names match transformers' Qwen2ForCausalLM exactly ("model.layers.0.self_attn.q_proj.weight",
+"lm_head.weight", ...), so loading a checkpoint is a name-by-name copy with shape checks.
+
+    model = Transformer.from_pretrained("path/to/Qwen2.5-0.5B")   # config.json + *.safetensors
+    logits = model(input_ids)                                      # [B, T] -> [B, T, V]
+    model.save_pretrained("out/")                                  # loadable by transformers
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 512
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    torch_dtype: str = "float32"
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """Read a Qwen2 config.json dict in the layout of transformers 4 (top-level rope_theta,
+        torch_dtype) or 5 (rope_parameters, dtype). Anything we would silently get wrong is refused."""
+        def refuse(what):
+            raise ValueError(f"{source}: {what} is not supported by nanosatori")
+        if d.get("model_type", "qwen2") != "qwen2":
+            refuse(f"model_type {d.get('model_type')!r} (only 'qwen2')")
+        if d.get("hidden_act", "silu") != "silu":
+            refuse(f"hidden_act {d['hidden_act']!r}")
+        if d.get("use_sliding_window", False):
+            refuse("sliding-window attention (use_sliding_window=true)")
+        if any(t != "full_attention" for t in d.get("layer_types") or []):
+            refuse("layer_types other than full_attention")
+        rope = d.get("rope_parameters") or {}
+        scaling = d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if scaling or rope_type != "default":
+            refuse(f"rope scaling {scaling or rope}")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        dtype = d.get("dtype") or d.get("torch_dtype") or "float32"
+        if dtype not in DTYPES:
+            refuse(f"dtype {dtype!r}")
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in ("rope_theta", "torch_dtype")}
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if k not in d:
+                raise ValueError(f"{source}: missing required key {k!r}")
+        kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+        cfg = cls(**kw, rope_theta=float(theta), torch_dtype=dtype)
+        if d.get("head_dim") not in (None, cfg.head_dim):
+            refuse(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads")
+        if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError(f"{source}: hidden_size must divide by num_attention_heads, and heads by num_key_value_heads")
+        return cfg
+
+    def to_hf(self) -> dict:
+        """transformers-4 layout (as published Qwen2.5 checkpoints), which transformers 5 also reads."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
+                 use_sliding_window=False, attention_dropout=0.0, use_cache=True)
+        return d
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """positions [B, T] -> cos, sin [B, T, head_dim] (rotate-half layout, as Qwen2 uses)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, heads, hd]; cos/sin [B, T, hd]."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.hd), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        if cache is not None:
+            # The sampler owns the paged KV cache: it stores k/v and attends over what is cached.
+            # Its tokens come packed as one row (B == 1): q [T, heads, hd] -> [T, heads, hd].
+            y = cache.attend(self.layer_idx, q[0], k[0], v[0])[None]
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, heads, T, hd]
+            if attn_mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+            y = y.transpose(1, 2)
+        return self.o_proj(y.reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Trunk(nn.Module):
+    """Embedding, blocks and final norm: shared by the policy and the value model."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, positions=None, attn_mask=None, cache=None):
+        """input_ids [B, T] -> final hidden states [B, T, H]. positions default to 0..T-1;
+        attn_mask (bool [B, 1, T, T], True = attend) replaces the causal mask, e.g. for packed rows."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask, cache)
+        return self.norm(x)
+
+
+class Transformer(nn.Module):
+    """Qwen2 causal LM. `hidden()` gives the final hidden states so that losses can fuse the
+    head with the log-softmax (kernels.token_logprobs) instead of materialising [B, T, V]."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Trunk(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(_init_weights)
+
+    def hidden(self, input_ids, positions=None, attn_mask=None, cache=None):
+        return self.model(input_ids, positions, attn_mask, cache)
+
+    def forward(self, input_ids, positions=None, attn_mask=None, cache=None):
+        return self.lm_head(self.hidden(input_ids, positions, attn_mask, cache))
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        cfg = load_config(path)
+        model = cls(cfg).to(dtype or DTYPES[cfg.torch_dtype])
+        load_weights(model, path)
+        return model.to(device) if device is not None else model
+
+    def save_pretrained(self, path):
+        save_model(self, path, {"architectures": ["Qwen2ForCausalLM"]})
+
+    def resize_vocab(self, new_size: int):
+        """Grow the vocabulary for new special tokens; new rows start at the mean embedding (and
+        the mean head row when untied), so the new tokens begin as an 'average' token."""
+        old = self.cfg.vocab_size
+        if new_size <= old:
+            return
+        emb = _grow_rows(self.model.embed_tokens.weight, new_size)
+        self.model.embed_tokens = nn.Embedding.from_pretrained(emb, freeze=False)
+        if self.cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(self.cfg.hidden_size, new_size, bias=False).to(emb)
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            head = _grow_rows(self.lm_head.weight, new_size)
+            self.lm_head = nn.Linear(self.cfg.hidden_size, new_size, bias=False).to(head)
+            self.lm_head.weight = nn.Parameter(head)
+        self.cfg.vocab_size = new_size
+
+
+class ValueModel(nn.Module):
+    """Critic / outcome reward model: the same trunk with a scalar head, one value per token."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Trunk(cfg)
+        self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.apply(_init_weights)
+        nn.init.zeros_(self.score.weight)   # start as a constant critic
+
+    def forward(self, input_ids, positions=None, attn_mask=None):
+        return self.score(self.model(input_ids, positions, attn_mask)).squeeze(-1)   # [B, T]
+
+    @classmethod
+    def from_policy(cls, policy: Transformer):
+        vm = cls(policy.cfg).to(policy.lm_head.weight)
+        vm.model.load_state_dict(policy.model.state_dict())
+        return vm
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        cfg = load_config(path)
+        vm = cls(cfg).to(dtype or DTYPES[cfg.torch_dtype])
+        load_weights(vm, path)
+        return vm.to(device) if device is not None else vm
+
+    def save_pretrained(self, path):
+        # Same tensor names as transformers' Qwen2ForTokenClassification with one label.
+        save_model(self, path, {"architectures": ["Qwen2ForTokenClassification"], "num_labels": 1})
+
+
+def _init_weights(m):
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+def _grow_rows(w, n):
+    w = w.detach()
+    new = w.mean(0, keepdim=True).expand(n - w.shape[0], -1)
+    return torch.cat([w, new], 0).clone()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_config(path) -> ModelConfig:
+    f = os.path.join(path, "config.json")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{path}: no config.json (expected an HF Qwen2 model directory)")
+    with open(f) as fh:
+        try:
+            d = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}:{e.lineno}: invalid JSON: {e.msg}") from None
+    return ModelConfig.from_hf(d, f)
+
+
+def _weight_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        return sorted(set(os.path.join(path, v) for v in weight_map.values()))
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                            "(only safetensors checkpoints are loaded)")
+
+
+def load_weights(model: nn.Module, path):
+    """Copy every tensor of the checkpoint into `model`, by name, checking that nothing is missing,
+    left over or mis-shaped. Tensors are cast to the model's dtype."""
+    from safetensors import safe_open
+    params = dict(model.state_dict(keep_vars=True))
+    tied = getattr(model.cfg, "tie_word_embeddings", False)
+    seen = set()
+    for file in _weight_files(path):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if name not in params:
+                    if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                        continue   # derived buffers, or a redundant copy of the tied embedding
+                    raise ValueError(f"{file}: unexpected tensor {name!r} (not a Qwen2 parameter)")
+                t, p = f.get_tensor(name), params[name]
+                if t.shape != p.shape:
+                    raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                     f"expected {tuple(p.shape)} from config.json")
+                with torch.no_grad():
+                    p.copy_(t.to(p.dtype))
+                seen.add(name)
+    missing = [n for n in params if n not in seen and not (tied and n == "lm_head.weight")]
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing tensor {missing[0]!r}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def save_model(model: nn.Module, path, extra: dict):
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    cfg = model.cfg.to_hf()
+    cfg["torch_dtype"] = next(k for k, v in DTYPES.items() if v == next(model.parameters()).dtype)
+    cfg.update(extra)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)   # safetensors refuses shared storage; HF re-ties on load
+    tmp = os.path.join(path, "model.safetensors.tmp")
+    save_file(sd, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(cfg, fh, indent=2)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
