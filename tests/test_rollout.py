@@ -1,0 +1,129 @@
+"""The paged sampler against transformers' generate and against a full no-cache forward."""
+import pytest
+import torch
+
+from model import Transformer
+from rollout import Sampler, sample
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    hf.save_pretrained(path)
+    return hf, Transformer.from_pretrained(path).eval()
+
+
+def ragged_prompts(n, seed=1, lo=1, hi=40):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in lens]
+
+
+def test_greedy_matches_transformers_on_ragged_batch(models):
+    hf, ours = models
+    prompts = ragged_prompts(6)
+    outs = Sampler(ours, max_batch=8, block_size=8).generate(prompts, max_new_tokens=16, temperature=0)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])   # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    for o, r in zip(outs, ref[:, width:].tolist()):
+        assert o.tokens == r and o.finish_reason == "length"
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8), (0, 1.0)])
+def test_logprobs_equal_full_forward(models, temperature, top_p):
+    _, ours = models
+    prompts = ragged_prompts(5, seed=2)
+    prompts += [prompts[1]] * 3    # samples of one prompt share its cache blocks
+    outs = Sampler(ours, max_batch=4, block_size=4).generate(prompts, 12, temperature=temperature,
+                                                            top_p=top_p, seed=3)
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            logits = ours(torch.tensor([p + o.tokens]))[0, len(p) - 1:-1]
+        logp = torch.log_softmax(logits / (temperature or 1.0), -1)
+        if top_p < 1.0:   # the nucleus the token was drawn from, renormalised
+            srt, order = logp.sort(-1, descending=True)
+            drop = (srt.exp().cumsum(-1) - srt.exp()) >= top_p
+            logp = torch.log_softmax(logp.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -torch.inf), -1)
+        ref = logp.gather(-1, torch.tensor(o.tokens)[:, None])[:, 0]
+        assert torch.allclose(ref, torch.tensor(o.logprobs), atol=1e-4)
+        if temperature == 0:
+            assert o.tokens == logits.argmax(-1).tolist()
+
+
+def test_continuous_batching_with_few_blocks_matches_one_at_a_time(models):
+    _, ours = models
+    prompts = ragged_prompts(9, seed=4) + [list(range(33))] * 2
+    alone = [Sampler(ours, max_batch=1, block_size=8).generate([p], 10, temperature=0)[0].tokens for p in prompts]
+    # 2 slots and just enough blocks for two sequences: every slot is reused several times
+    small = Sampler(ours, max_batch=2, block_size=8, max_seq_len=64, num_blocks=12)
+    outs = small.generate(prompts, 10, temperature=0)
+    assert [o.tokens for o in outs] == alone
+    assert sorted(small.free) == list(range(12)) and all(r == 0 for r in small.refs)   # all blocks returned
+
+
+def test_stop_ids_max_new_tokens_and_seeds(models):
+    _, ours = models
+    prompts = ragged_prompts(4, seed=5)
+    s = Sampler(ours, max_batch=4, block_size=8)
+    free = s.generate(prompts, 20, temperature=1.0, seed=7)
+    assert all(len(o.tokens) == 20 and o.finish_reason == "length" for o in free)
+    stop = free[0].tokens[5]
+    outs = s.generate(prompts, 20, temperature=1.0, seed=7, stop_ids=[stop])
+    first = free[0].tokens.index(stop)
+    assert outs[0].tokens == free[0].tokens[:first + 1] and outs[0].finished
+    for o in outs:
+        assert (o.finished and o.tokens[-1] == stop and stop not in o.tokens[:-1]) or \
+               (len(o.tokens) == 20 and stop not in o.tokens)
+    again = s.generate(prompts, 20, temperature=1.0, seed=7)
+    other = s.generate(prompts, 20, temperature=1.0, seed=8)
+    assert [o.tokens for o in again] == [o.tokens for o in free]
+    assert [o.tokens for o in other] != [o.tokens for o in free]
+    with pytest.raises(ValueError, match="max_seq_len"):
+        s.generate([[1] * 10], max_new_tokens=10_000)
+    with pytest.raises(ValueError, match="empty"):
+        s.generate([[]], max_new_tokens=3)
+
+
+def expected_probs(logits, temperature, top_p):
+    p = torch.softmax(logits / temperature, -1)
+    srt, order = p.sort(descending=True)
+    keep = (srt.cumsum(0) - srt) < top_p
+    q = torch.zeros_like(p)
+    q[order[keep]] = srt[keep]
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (2.0, 1.0), (1.0, 0.7), (0.8, 0.5)])
+def test_sampling_frequencies(temperature, top_p):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 40_000
+    gen = torch.Generator().manual_seed(0)
+    tok, logp = sample(logits.expand(n, -1), temperature, top_p, gen)
+    freq = torch.bincount(tok, minlength=6).float() / n
+    want = expected_probs(logits, temperature, top_p)
+    assert (freq - want).abs().max() < 0.01          # ~4 standard errors at n = 40k
+    assert torch.all(freq[want == 0] == 0)            # outside the nucleus: never drawn
+    assert torch.allclose(logp, want[tok].log(), atol=1e-5)
+
+
+def test_sampler_frequencies_end_to_end(models):
+    _, ours = models
+    prompt = ragged_prompts(1, seed=6)[0]
+    with torch.no_grad():
+        logits = ours(torch.tensor([prompt]))[0, -1]
+    outs = Sampler(ours, max_batch=512, block_size=8).generate([prompt] * 4000, 1, temperature=1.5, seed=0)
+    freq = torch.bincount(torch.tensor([o.tokens[0] for o in outs]), minlength=VOCAB).float() / 4000
+    want = torch.softmax(logits / 1.5, -1)
+    assert 0.5 * (freq - want).abs().sum() < 0.08     # total variation over 97 tokens
