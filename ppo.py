@@ -1,0 +1,246 @@
+"""
+PPO / GRPO math for RL post-training of reasoning LLMs, as plain tensor functions.
+
+Conventions (every function below):
+- Per-token tensors are [B, T] over the RESPONSE tokens only (prompt excluded), right-padded.
+- `mask` [B, T] is 1.0 on real response tokens and 0.0 on padding (bool is accepted too).
+  Every per-token output is exactly 0 where mask is 0.
+- `logp` is log pi(token) of the sampled token, so ratio = exp(logp - old_logp) per token.
+- Sequence-level things (rewards, GRPO advantages, lengths) are [B]. For GRPO, B = n_prompts *
+  group_size with the samples of one prompt contiguous.
+
+Sections: config -> masked statistics -> rewards (KL, token rewards, DAPO overlong) -> advantages
+(GAE, GRPO / Dr. GRPO, dynamic sampling) -> losses (policy, value, aggregation).
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class PPOConfig:
+    # advantages
+    adv_estimator: str = "gae"       # "gae" (PPO with critic) | "grpo" | "drgrpo" (group baselines, no critic)
+    gamma: float = 1.0               # discount; 1 = undiscounted episodic return (Satori)
+    lam: float = 0.95                # GAE lambda: 1 = Monte-Carlo return, 0 = one-step TD
+    whiten_advantages: bool = True   # whiten A over all real tokens of the batch (Satori: yes; GRPO: no)
+    group_size: int = 1              # samples per prompt (Satori round 1: 1; round 2 / GRPO: 8)
+    # rewards
+    reward_clip: Optional[float] = 10.0   # clip the sequence reward to +-reward_clip (None = off)
+    no_eos_penalty: float = -1.0     # added to the sequence reward of a response that never emitted EOS
+    kl_coef: float = 0.0             # beta of the per-token -beta*KL reward (PPO style); Satori uses 0
+    kl_loss_coef: float = 0.0        # beta of a KL term added to the loss instead (GRPO style, 0.04)
+    kl_estimator: str = "k1"         # "k1" (log-ratio, for the reward) | "k3" (non-negative, for the loss)
+    overlong_buffer: int = 0         # DAPO soft overlong penalty over the last N tokens of the budget (0 = off)
+    dynamic_sampling: bool = False   # DAPO: drop groups whose rewards are all equal (zero advantage)
+    # losses
+    clip: float = 0.2                # PPO ratio clip eps (lower side, and upper side unless clip_high)
+    clip_high: Optional[float] = None  # upper clip eps (DAPO: 0.28); None = same as clip
+    value_clip: Optional[float] = 0.2  # clip V around the rollout-time value (None = off)
+    vf_coef: float = 0.5             # weight of the value loss when actor and critic share one loss
+    ent_coef: float = 0.0            # weight of the entropy bonus (loss -= ent_coef * entropy)
+    loss_agg: str = "token_mean"     # "token_mean" (PPO, DAPO) | "seq_mean" (GRPO) | "seq_sum_norm" (Dr. GRPO)
+    max_len: Optional[int] = None    # constant divisor of "seq_sum_norm": the generation budget
+    # optimisation (Satori stage 2)
+    actor_lr: float = 2e-7
+    critic_lr: float = 5e-6
+    warmup_ratio: float = 0.03       # linear warm-up share of the steps, then cosine decay
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1              # passes over each rollout batch
+    minibatch_size: int = 128        # sequences per optimizer step (Satori train batch)
+
+# -----------------------------------------------------------------------------
+# masked statistics
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over entries where mask is 1; 0 (not nan) when the mask is empty."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+def masked_var(x, mask, unbiased=True):
+    """Variance over masked entries. Unbiased (n-1), as TRL/OpenRLHF whitening does; 0 if n < 2."""
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        var = var * n / (n - 1) if n > 1 else torch.zeros_like(var)
+    return var
+
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
+    """(x - mean) / std over the masked entries of the whole tensor; padding -> 0.
+    With shift_mean=False the mean is added back (only the scale changes), as for rewards.
+    std is the unbiased one, so the result has mean 0 and unbiased std 1 over the mask."""
+    mask = mask.to(x.dtype)
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+def last_token_index(mask):
+    """[B, T] mask -> ([B] index of the last real token, [B] bool row has any token)."""
+    T = mask.shape[1]
+    pos = torch.arange(T, device=mask.device).expand(mask.shape[0], T)
+    last = torch.where(mask > 0, pos, torch.full_like(pos, -1)).max(dim=1).values  # [B]
+    return last.clamp(min=0), last >= 0
+
+# -----------------------------------------------------------------------------
+# rewards
+
+def kl_penalty(logp, ref_logp, estimator="k1"):
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, [B, T].
+    k1 = log pi - log pi_ref (unbiased, can be negative; the PPO reward term);
+    k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1 (unbiased, >= 0; the GRPO loss term)."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.exp(-log_ratio) + log_ratio - 1.0
+    raise ValueError(f"unknown kl estimator {estimator!r} (expected 'k1' or 'k3')")
+
+@torch.no_grad()
+def token_rewards(seq_rewards, mask, logp=None, ref_logp=None, kl_coef=0.0, estimator="k1",
+                  finished=None, no_eos_penalty=-1.0, reward_clip=10.0):
+    """Dense per-token rewards [B, T] for GAE.
+    Every real token gets -kl_coef * KL(logp, ref_logp); the last real token of each row also gets
+    clip(seq_reward, +-reward_clip) + (no_eos_penalty if that row is not `finished`).
+    Rows with no real token get all zeros. `finished` [B] bool: True = the response emitted EOS;
+    None = all finished. The penalty is added after clipping, so it is never clipped away."""
+    B, T = mask.shape
+    seq_rewards = seq_rewards.to(torch.promote_types(seq_rewards.dtype, torch.float32))
+    mask = mask.to(seq_rewards.dtype)
+    rewards = torch.zeros(B, T, dtype=seq_rewards.dtype, device=mask.device)
+    if kl_coef != 0.0:
+        assert logp is not None and ref_logp is not None, "kl_coef > 0 needs logp and ref_logp"
+        rewards = rewards - kl_coef * kl_penalty(logp, ref_logp, estimator).to(rewards.dtype)
+    r = seq_rewards if reward_clip is None else seq_rewards.clamp(-reward_clip, reward_clip)  # [B]
+    if finished is not None:
+        r = r + (~finished.bool()).to(r.dtype) * no_eos_penalty
+    last, has = last_token_index(mask)
+    end = torch.zeros_like(rewards).scatter_(1, last[:, None], (r * has.to(r.dtype))[:, None])
+    return (rewards + end) * mask
+
+def dapo_overlong_penalty(lengths, max_len, buffer_len):
+    """DAPO soft overlong punishment, [B]: 0 up to max_len - buffer_len, then linear down to -1 at
+    max_len; -1 beyond max_len (the paper's third case). buffer_len <= 0: -1 only past max_len."""
+    lengths = lengths.to(torch.float32)
+    if buffer_len <= 0:
+        return -(lengths > max_len).to(torch.float32)
+    start = max_len - buffer_len
+    return ((start - lengths) / buffer_len).clamp(min=-1.0, max=0.0)
+
+# -----------------------------------------------------------------------------
+# advantages
+
+@torch.no_grad()
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation over response tokens -> (advantages, returns), [B, T].
+    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1};  R_t = A_t + V_t.
+    The value after the last real token is 0 (the episode ends there) and padding contributes
+    nothing: V_{t+1} and A_{t+1} are taken as 0 where mask[t+1] is 0 (a hole in the mask would act
+    as an episode end). Both outputs are 0 where mask is 0. Not whitened here."""
+    dt = torch.promote_types(values.dtype, torch.float32)
+    rewards, values, mask = rewards.to(dt), values.to(dt), mask.to(dt)
+    B, T = mask.shape
+    values = values * mask                                   # padding values never leak in
+    adv = torch.zeros(B, T, dtype=dt, device=values.device)
+    next_value = torch.zeros(B, dtype=dt, device=values.device)
+    next_adv = torch.zeros(B, dtype=dt, device=values.device)
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv[:, t] = (delta + gamma * lam * next_adv) * mask[:, t]
+        next_value, next_adv = values[:, t], adv[:, t]      # both already 0 on padding
+    returns = (adv + values) * mask
+    return adv, returns
+
+@torch.no_grad()
+def group_advantages(rewards, group_size, normalize_std=True, eps=1e-6):
+    """GRPO outcome advantages [B] (broadcast over the tokens of each sample by the caller):
+    A_i = (r_i - mean_g) / (std_g + eps), std unbiased (torch.std default, as TRL's GRPO);
+    normalize_std=False is Dr. GRPO (A_i = r_i - mean_g). Groups whose rewards are all equal, and
+    group_size 1, give exactly 0 (no nan, no float noise amplified by 1/eps)."""
+    B = rewards.shape[0]
+    if B % group_size != 0:
+        raise ValueError(f"batch {B} is not a multiple of group_size {group_size}")
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, group_size)  # [P, G]
+    if group_size == 1:
+        return torch.zeros_like(r).view(B)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if normalize_std:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    same = r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values  # [P, 1]
+    return adv.masked_fill(same, 0.0).view(B)
+
+def dynamic_sampling_keep(rewards, group_size):
+    """DAPO dynamic sampling: bool [B], True for every sample of a group whose rewards are not all
+    equal (all-right / all-wrong groups have zero advantage and only dilute the batch)."""
+    r = rewards.view(-1, group_size)
+    varied = r.max(dim=1).values != r.min(dim=1).values   # [P]
+    return varied.repeat_interleave(group_size)
+
+# -----------------------------------------------------------------------------
+# losses
+
+def aggregate_loss(loss_tok, mask, agg="token_mean", max_len=None):
+    """Reduce per-token losses [B, T] to a scalar.
+    token_mean:   sum over all real tokens / their count (every token weighs the same; PPO, DAPO).
+    seq_mean:     mean over rows of each row's token mean (GRPO); rows without tokens are skipped.
+    seq_sum_norm: sum over all real tokens / (B * max_len) (Dr. GRPO: each row's sum divided by a
+                  constant, so long rows are not down-weighted); max_len defaults to T, but pass the
+                  generation budget so the scale does not depend on the batch's padding."""
+    mask = mask.to(loss_tok.dtype)
+    if agg == "token_mean":
+        return masked_mean(loss_tok, mask)
+    if agg == "seq_mean":
+        n = mask.sum(1)                                        # [B]
+        row = (loss_tok * mask).sum(1) / n.clamp(min=1.0)      # [B]
+        return (row * (n > 0)).sum() / (n > 0).sum().clamp(min=1)
+    if agg == "seq_sum_norm":
+        L = mask.shape[1] if max_len is None else max_len
+        return (loss_tok * mask).sum() / (mask.shape[0] * L)
+    raise ValueError(f"unknown loss_agg {agg!r}")
+
+def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=None,
+                agg="token_mean", max_len=None):
+    """PPO clipped surrogate: per token max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high)).
+    ratio = exp(logp - old_logp); clip_high None = clip_low (symmetric).
+    Returns (loss scalar, metrics of detached scalars):
+      clipfrac:  share of real tokens where the clipped term is the active one (gradient cut);
+      approx_kl: k3 estimate of KL(old || new) = mean(ratio - 1 - log ratio), >= 0 (Schulman);
+      ratio:     mean ratio (should stay near 1)."""
+    clip_high = clip_low if clip_high is None else clip_high
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = aggregate_loss(torch.maximum(pg1, pg2), mask, agg, max_len)
+    with torch.no_grad():
+        metrics = {
+            "clipfrac": masked_mean((pg2 > pg1).to(logp.dtype), mask),
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, metrics
+
+def value_loss(values, old_values, returns, mask, value_clip=0.2, agg="token_mean", max_len=None):
+    """Clipped value loss: per token 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2).
+    value_clip None = plain 0.5 * (V - R)^2. Returns (loss, {"vf_clipfrac": share of real tokens
+    where the clipped error is the larger one})."""
+    err = (values - returns) ** 2
+    if value_clip is None:
+        err_max, clipped = err, torch.zeros_like(err)
+    else:
+        v_clip = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        err_clip = (v_clip - returns) ** 2
+        err_max, clipped = torch.maximum(err, err_clip), (err_clip > err)
+    loss = aggregate_loss(0.5 * err_max, mask, agg, max_len)
+    with torch.no_grad():
+        metrics = {"vf_clipfrac": masked_mean(clipped.to(values.dtype), mask)}
+    return loss, metrics
