@@ -244,3 +244,124 @@ def value_loss(values, old_values, returns, mask, value_clip=0.2, agg="token_mea
     with torch.no_grad():
         metrics = {"vf_clipfrac": masked_mean(clipped.to(values.dtype), mask)}
     return loss, metrics
+
+# -----------------------------------------------------------------------------
+# the update: model forwards over rollouts, minibatches, epochs, micro-batch accumulation
+
+@dataclass
+class Rollouts:
+    """A batch of prompt + response rows, right-padded. Per-token tensors are [B, T] over the
+    response tokens, as everywhere in this file; the rest is what the forwards need."""
+    ids: torch.Tensor         # [B, L] prompt + response token ids, padded
+    prompt_lens: torch.Tensor  # [B]
+    resp_lens: torch.Tensor    # [B]
+    mask: torch.Tensor         # [B, T] 1.0 on response tokens
+    old_logp: torch.Tensor = None    # [B, T] log-probs under the policy that sampled them
+    values: torch.Tensor = None      # [B, T] critic values at rollout time
+    ref_logp: torch.Tensor = None    # [B, T] reference log-probs (only when a KL term is on)
+    advantages: torch.Tensor = None  # [B, T]
+    returns: torch.Tensor = None     # [B, T]
+
+    def select(self, idx):
+        """The rows idx, trimmed to their longest row."""
+        plen, rlen = self.prompt_lens[idx], self.resp_lens[idx]
+        L, T = int((plen + rlen).max()), int(rlen.max())
+        pick = lambda x: None if x is None else x[idx][:, :T]
+        return Rollouts(self.ids[idx][:, :L], plen, rlen, pick(self.mask), pick(self.old_logp), pick(self.values),
+                        pick(self.ref_logp), pick(self.advantages), pick(self.returns))
+
+
+def make_rollouts(prompts, responses, pad_id, device=None):
+    """prompts, responses: lists of token-id lists -> Rollouts with ids and masks."""
+    plen = torch.tensor([len(p) for p in prompts])
+    rlen = torch.tensor([len(r) for r in responses])
+    L, T = int((plen + rlen).max()), max(1, int(rlen.max()))
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        ids[b, :len(p) + len(r)] = torch.tensor(p + r)
+    mask = (torch.arange(T)[None] < rlen[:, None]).float()
+    return Rollouts(ids.to(device), plen.to(device), rlen.to(device), mask.to(device))
+
+
+def _token_positions(r: Rollouts):
+    """(rows [N], cols [N], targets [N]) of every response token: the logits predicting token j of
+    row b sit at position prompt_len + j - 1. Ordered like r.mask.nonzero()."""
+    b, j = r.mask.nonzero(as_tuple=True)
+    pos = r.prompt_lens[b] + j
+    return b, pos - 1, r.ids[b, pos]
+
+
+def response_logprobs(model, r: Rollouts, temperature=1.0, with_entropy=False):
+    """log pi(token) of every response token, [B, T] (and the entropy, [B, T]), through the fused
+    head + log-softmax: the [B, L, V] logits are never built."""
+    import kernels
+    rows, cols, targets = _token_positions(r)
+    h = model.hidden(r.ids)[rows, cols]                                     # [N, H]
+    out = kernels.token_logprobs(h, model.lm_head.weight, targets, temperature, return_entropy=with_entropy)
+    lp, ent = out if with_entropy else (out, None)
+    scatter = lambda x: torch.zeros_like(r.mask, dtype=x.dtype).index_put((rows, cols - r.prompt_lens[rows] + 1), x)
+    return (scatter(lp), scatter(ent)) if with_entropy else scatter(lp)
+
+
+def response_values(critic, r: Rollouts):
+    """V(state before each response token), [B, T]: the critic at the position that predicts it."""
+    rows, cols, _ = _token_positions(r)
+    v = critic(r.ids)[rows, cols]
+    return torch.zeros_like(r.mask, dtype=v.dtype).index_put((rows, cols - r.prompt_lens[rows] + 1), v)
+
+
+def _share(mask, mb_mask, agg):
+    """Weight of a micro-batch's aggregated loss in its minibatch, so that accumulating micro-batches
+    gives exactly the minibatch's loss for every aggregation."""
+    if agg == "token_mean":
+        return float(mask.sum() / mb_mask.sum().clamp(min=1))
+    if agg == "seq_mean":
+        return float((mask.sum(1) > 0).sum() / (mb_mask.sum(1) > 0).sum().clamp(min=1))
+    return mask.shape[0] / mb_mask.shape[0]
+
+
+def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt=None, temperature=1.0,
+               micro_batch_size=16, generator=None):
+    """cfg.ppo_epochs passes over the rollouts in minibatches of cfg.minibatch_size rows, each an
+    optimizer step accumulated over micro-batches. r must hold old_logp, advantages and (with a
+    critic) values and returns. Returns the mean of each metric over the steps."""
+    B = r.ids.shape[0]
+    hist = {}
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=generator).to(r.ids.device)
+        for mb_idx in order.split(cfg.minibatch_size):
+            mb_mask = r.mask[mb_idx]
+            opt.zero_grad(set_to_none=True)
+            if critic_opt is not None:
+                critic_opt.zero_grad(set_to_none=True)
+            step = {}
+            for idx in mb_idx.split(micro_batch_size):
+                m = r.select(idx)
+                w = _share(m.mask, mb_mask, cfg.loss_agg)        # weight of this micro-batch's loss
+                wt = _share(m.mask, mb_mask, "token_mean")      # weight of its token-mean metrics
+                logp, ent = response_logprobs(policy, m, temperature, with_entropy=True)
+                loss, info = policy_loss(logp, m.old_logp, m.advantages, m.mask, cfg.clip, cfg.clip_high,
+                                         cfg.loss_agg, cfg.max_len)
+                info["entropy"] = masked_mean(ent.detach(), m.mask)
+                if cfg.ent_coef:
+                    loss = loss - cfg.ent_coef * info["entropy"]
+                if cfg.kl_loss_coef:
+                    kl = aggregate_loss(kl_penalty(logp, m.ref_logp, cfg.kl_estimator), m.mask, cfg.loss_agg, cfg.max_len)
+                    loss, info["kl_loss"] = loss + cfg.kl_loss_coef * kl, kl.detach()
+                (loss * w).backward()
+                if critic is not None:
+                    vloss, vinfo = value_loss(response_values(critic, m), m.values, m.returns, m.mask,
+                                              cfg.value_clip, cfg.loss_agg, cfg.max_len)
+                    (vloss * w).backward()
+                    info.update(vinfo, value_loss=vloss.detach())
+                for k, v in info.items():
+                    step[k] = step.get(k, 0.0) + wt * float(v)
+                step["policy_loss"] = step.get("policy_loss", 0.0) + w * float(loss.detach())
+            step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+            opt.step()
+            if critic_opt is not None:
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+                critic_opt.step()
+            for k, v in step.items():
+                hist.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in hist.items()}
