@@ -36,6 +36,7 @@ class _Seq:
     index: int            # position in the caller's prompt list
     tokens: list          # prompt + generated so far
     prompt_len: int
+    budget: int           # max_new_tokens of this sequence
     blocks: list          # block table
     out: Completion
     cached: int = 0       # prompt tokens whose K/V came from shared blocks
@@ -146,29 +147,33 @@ class Sampler:
             key = tuple(prompt[:(i + 1) * bs])
             if key not in self.block_of:
                 self.block_of[key], self.prefix_of[blocks[i]] = blocks[i], key
-        return _Seq(index, list(prompt), len(prompt), blocks, Completion(), cached=len(shared) * bs)
+        return _Seq(index, list(prompt), len(prompt), max_new_tokens, blocks, Completion(), cached=len(shared) * bs)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=None, seed=None):
-        for i, p in enumerate(prompts):
+        """max_new_tokens: one budget for all, or a list with one per prompt."""
+        budgets = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
+        if len(budgets) != len(prompts):
+            raise ValueError(f"{len(budgets)} max_new_tokens for {len(prompts)} prompts")
+        for i, (p, n) in enumerate(zip(prompts, budgets)):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
-            if len(p) + max_new_tokens > self.max_seq_len:
-                raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceeds "
+            if n < 1:
+                raise ValueError(f"prompt {i}: max_new_tokens must be >= 1, got {n}")
+            if len(p) + n > self.max_seq_len:
+                raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {n} exceeds "
                                  f"the sampler's max_seq_len {self.max_seq_len}")
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed if seed is not None else torch.seed())
         stop = set(stop_ids or [])
         self._reset_blocks()
-        queue = deque(enumerate(prompts))
+        queue = deque(zip(range(len(prompts)), prompts, budgets))
         running, results = [], [None] * len(prompts)
         while queue or running:
             admitted = []
             while queue and len(running) + len(admitted) < self.max_batch:
-                seq = self._admit(queue[0][0], queue[0][1], max_new_tokens)
+                seq = self._admit(*queue[0])
                 if seq is None:
                     break
                 queue.popleft()
@@ -182,7 +187,7 @@ class Sampler:
                 seq.tokens.append(t)
                 seq.out.tokens.append(t)
                 seq.out.logprobs.append(lp)
-                if t in stop or len(seq.out.tokens) >= max_new_tokens:
+                if t in stop or len(seq.out.tokens) >= seq.budget:
                     seq.out.finish_reason = "stop" if t in stop else "length"
                     results[seq.index] = seq.out
                     self._release(seq.blocks)

@@ -90,6 +90,8 @@ def test_stop_ids_max_new_tokens_and_seeds(models):
     other = s.generate(prompts, 20, temperature=1.0, seed=8)
     assert [o.tokens for o in again] == [o.tokens for o in free]
     assert [o.tokens for o in other] != [o.tokens for o in free]
+    per_prompt = s.generate(prompts, [3, 5, 1, 7], temperature=1.0, seed=7)
+    assert [len(o.tokens) for o in per_prompt] == [3, 5, 1, 7]
     with pytest.raises(ValueError, match="max_seq_len"):
         s.generate([[1] * 10], max_new_tokens=10_000)
     with pytest.raises(ValueError, match="empty"):

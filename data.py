@@ -1,0 +1,290 @@
+"""
+Data: JSONL datasets and the built-in procedurally generated reasoning task.
+
+  load_jsonl(path)                       -> [{"question", "answer", ...}]
+  make_problem(rng, cfg)                 -> one arithmetic-chain problem
+  builtin_split(cfg, n_train, n_test, seed) -> (train, test), disjoint by construction
+  parse_step / solution_steps / check_steps  exact step checking (used by the COAT critic)
+
+The built-in task (exact formats; the critic and RAE parse them):
+  question: "Start with 47. Add 38, then multiply by 3, then subtract 59. What is the result?"
+  solution: "Step 1: 47 + 38 = 85.\\nStep 2: 85 * 3 = 255.\\nStep 3: 255 - 59 = 196.\\n"
+            "The answer is \\boxed{196}."
+Every intermediate value stays in [0, max_value] by construction (no negatives, no fractions), so
+each step is a small exact fact that can be checked, and one slip anywhere makes the answer wrong:
+verifying steps and backtracking to the first wrong one genuinely pays.
+"""
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+
+from reward import extract_answer
+
+# -----------------------------------------------------------------------------
+# JSONL datasets
+
+def load_jsonl(path):
+    """Records with "question" and "answer" (both str). Accepted line formats:
+      {"question", "answer"}                    plain; a numeric answer is converted with str()
+      {"question", "answer": "...#### 42"}      GSM8K: answer = text after the last "####",
+                                                the full text is kept as "solution"
+      {"problem" or "question", "solution"}     MATH: answer = last \\boxed{} of the solution
+    Other keys are kept as they are. Blank lines are skipped; any other bad line (invalid JSON or
+    UTF-8, not an object, missing or empty question / answer) raises ValueError("path:line: ...").
+    An empty file gives []."""
+    out = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}:"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where} not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} invalid JSON ({e.msg} at column {e.colno}); expected one "
+                                 'object per line like {"question": ..., "answer": ...}') from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where} expected a JSON object, got {type(obj).__name__}")
+            out.append(_record(obj, where))
+    return out
+
+def _record(obj, where):
+    rec = dict(obj)
+    q = obj.get("question", obj.get("problem"))
+    if not isinstance(q, str) or not q.strip():
+        raise ValueError(f"{where} expected a non-empty string 'question' (or 'problem'), "
+                         f"got {_show(q)}")
+    rec["question"] = q
+    if "answer" in obj:
+        a = obj["answer"]
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            a = str(a)
+        if not isinstance(a, str):
+            raise ValueError(f"{where} expected 'answer' to be a string or a number, got {_show(a)}")
+        if "####" in a:                       # GSM8K: reasoning, then "#### final"
+            rec.setdefault("solution", a)
+            a = a.rsplit("####", 1)[1]
+        a = a.strip()
+        if not a:
+            raise ValueError(f"{where} expected a non-empty 'answer'")
+    elif "solution" in obj:
+        sol = obj["solution"]
+        if not isinstance(sol, str):
+            raise ValueError(f"{where} expected 'solution' to be a string, got {_show(sol)}")
+        a = extract_answer(sol)
+        if not a:
+            raise ValueError(f"{where} expected the 'solution' to end in a non-empty \\boxed{{...}} "
+                             "answer (no 'answer' field given)")
+    else:
+        raise ValueError(f"{where} expected an 'answer' field (or a 'solution' with \\boxed{{...}}); "
+                         f"keys are {sorted(obj)}")
+    rec["answer"] = a
+    return rec
+
+def _show(x):
+    r = repr(x)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+# -----------------------------------------------------------------------------
+# the built-in task: an arithmetic chain
+
+@dataclass
+class TaskConfig:
+    n_steps: int = 3             # operations per problem
+    min_steps: int = 0           # if > 0, the number of operations is uniform in [min_steps, n_steps]
+    ops: str = "+-*"             # allowed operations, any of "+-*/" (/ only when exact)
+    start_max: int = 99          # start value in [1, start_max]
+    max_operand: int = 99        # operand of + and - in [1, max_operand]
+    mul_max: int = 9             # operand of * and / in [2, mul_max]: small, so a tiny model can learn them
+    max_value: int = 999         # every intermediate value stays in [0, max_value]
+    test_fraction: float = 0.1   # share of the problem space reserved for test; keep fixed across runs
+    split_salt: str = "nanosatori-v1"   # changing it reshuffles the train / test partition
+
+OP_WORDS = {"+": "add {}", "-": "subtract {}", "*": "multiply by {}", "/": "divide by {}"}
+WORD_OPS = {"add": "+", "subtract": "-", "multiply by": "*", "divide by": "/"}
+
+def apply_op(a, op, b):
+    if op == "+": return a + b
+    if op == "-": return a - b
+    if op == "*": return a * b
+    if op == "/": return a // b if b and a % b == 0 else None
+    raise ValueError(f"unknown operation {op!r}")
+
+def chain_values(start, ops):
+    """[start, v1, ..., vn]: the value after each operation."""
+    vals = [start]
+    for op, b in ops:
+        vals.append(apply_op(vals[-1], op, b))
+    return vals
+
+def _choices(cur, cfg):
+    """(op, lo, hi) options whose result stays an integer in [0, max_value]."""
+    out = []
+    for op in cfg.ops:
+        if op == "+" and cur < cfg.max_value:
+            out.append(("+", 1, min(cfg.max_operand, cfg.max_value - cur)))
+        elif op == "-" and cur >= 1:
+            out.append(("-", 1, min(cfg.max_operand, cur)))
+        elif op == "*" and 2 * cur <= cfg.max_value and cur > 0 and cfg.mul_max >= 2:
+            out.append(("*", 2, min(cfg.mul_max, cfg.max_value // cur)))
+        elif op == "/" and cur > 0 and any(cur % d == 0 for d in range(2, cfg.mul_max + 1)):
+            out.append(("/", 2, cfg.mul_max))
+    return out
+
+def make_problem(rng, cfg=None):
+    """One problem: dict(question, answer, solution, ops=[(op, operand), ...], start).
+    rng: a random.Random."""
+    cfg = cfg or TaskConfig()
+    if not set(cfg.ops) <= set("+-*/") or not cfg.ops or cfg.n_steps < 1 or cfg.max_value < 1:
+        raise ValueError(f"bad TaskConfig: {cfg}")
+    for _ in range(1000):                     # retry the rare dead ends (e.g. ops="*" at a large value)
+        n = rng.randint(cfg.min_steps, cfg.n_steps) if 0 < cfg.min_steps <= cfg.n_steps else cfg.n_steps
+        start = rng.randint(1, min(cfg.start_max, cfg.max_value))
+        cur, ops = start, []
+        for _ in range(n):
+            choices = _choices(cur, cfg)
+            if not choices:
+                break
+            op, lo, hi = rng.choice(choices)
+            if op == "/":
+                b = rng.choice([d for d in range(2, cfg.mul_max + 1) if cur % d == 0])
+            else:
+                b = rng.randint(lo, hi)
+            ops.append((op, b))
+            cur = apply_op(cur, op, b)
+        if len(ops) == n:
+            return problem_from(start, ops)
+    raise ValueError(f"TaskConfig admits no {cfg.n_steps}-step problems: {cfg}")
+
+def problem_from(start, ops):
+    """The problem dict for a given start value and operation list (texts derived here only)."""
+    ops = [(op, int(b)) for op, b in ops]
+    vals = chain_values(start, ops)
+    phrases = [OP_WORDS[op].format(b) for op, b in ops]
+    chain = ", then ".join(phrases)
+    question = f"Start with {start}. {chain[0].upper()}{chain[1:]}. What is the result?"
+    lines = [f"Step {i + 1}: {vals[i]} {op} {b} = {vals[i + 1]}." for i, (op, b) in enumerate(ops)]
+    answer = str(vals[-1])
+    solution = "\n".join(lines + [f"The answer is \\boxed{{{answer}}}."])
+    return dict(question=question, answer=answer, solution=solution, ops=ops, start=start)
+
+_QUESTION = re.compile(r"Start with (\d+)\. (.*)\. What is the result\?")
+_PHRASE = re.compile(r"(add|subtract|multiply by|divide by) (\d+)")
+
+def parse_question(question):
+    """(start, ops) back from a question text, or None if it is not a built-in task question."""
+    m = _QUESTION.fullmatch(question.strip())
+    if m is None:
+        return None
+    ops = []
+    for phrase in m.group(2).split(", then "):
+        p = _PHRASE.fullmatch(phrase.strip().lower())
+        if p is None:
+            return None
+        ops.append((WORD_OPS[p.group(1)], int(p.group(2))))
+    return int(m.group(1)), ops
+
+# -----------------------------------------------------------------------------
+# step checking
+
+_STEP = re.compile(r"\s*(?:Step\s*\d+\s*:\s*)?(-?\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)\s*\.?\s*")
+
+def parse_step(line):
+    """"Step 2: 85 * 3 = 255." -> (85, "*", 3, 255); the "Step k:" prefix and the final "." are
+    optional. None if the line is not a step."""
+    m = _STEP.fullmatch(line)
+    if m is None:
+        return None
+    return int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+
+def solution_steps(text):
+    """The step lines of a solution text: its non-blank lines up to (not including) the first line
+    holding the answer (\\boxed or "The answer is")."""
+    steps = []
+    for line in text.split("\n"):
+        if "\\boxed" in line or line.strip().lower().startswith("the answer is"):
+            break
+        if line.strip():
+            steps.append(line.strip())
+    return steps
+
+def check_steps(problem, steps):
+    """Index (0-based) of the first wrong step, or None if steps are exactly the complete, correct
+    chain. Step i is wrong if it does not parse, does not start from the previous result (the start
+    value for i = 0), uses another operation or operand than operation i of the question, or gets
+    the arithmetic wrong. Missing steps: index len(steps); extra steps: index n_ops.
+    problem: a dict from make_problem (or any dict whose question parses with parse_question);
+    steps: list of step lines (see solution_steps) or of parse_step tuples."""
+    if "ops" in problem and "start" in problem:
+        start, ops = int(problem["start"]), [(op, int(b)) for op, b in problem["ops"]]
+    else:
+        parsed = parse_question(problem["question"])
+        if parsed is None:
+            raise ValueError(f"not a built-in task question: {problem['question']!r}")
+        start, ops = parsed
+    vals = chain_values(start, ops)
+    for i, step in enumerate(steps):
+        if i >= len(ops):
+            return i
+        s = parse_step(step) if isinstance(step, str) else (None if step is None else tuple(step))
+        if s is None or s != (vals[i], ops[i][0], ops[i][1], vals[i + 1]):
+            return i
+    return None if len(steps) == len(ops) else len(steps)
+
+# -----------------------------------------------------------------------------
+# deterministic train / test split
+
+def problem_key(problem):
+    """Canonical identity of a problem: its start value and operations."""
+    return f"{problem['start']}|" + ",".join(f"{op}{b}" for op, b in problem["ops"])
+
+def is_test(problem, cfg=None):
+    """Fixed partition of the problem space: sha256(salt + key) as a number in [0, 1) below
+    test_fraction means test. It depends on the problem only, never on a seed, so train and test
+    sets drawn with any seeds can never share a problem."""
+    cfg = cfg or TaskConfig()
+    h = hashlib.sha256(f"{cfg.split_salt}|{problem_key(problem)}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2 ** 64 < cfg.test_fraction
+
+def builtin_split(cfg=None, n_train=1000, n_test=100, seed=0):
+    """(train, test): n_train and n_test distinct problems, disjoint, deterministic for a seed;
+    different seeds give different samples of the same fixed partition."""
+    cfg = cfg or TaskConfig()
+    rng = random.Random(seed)
+    train, test, seen = [], [], set()
+    budget = 1000 + 200 * (n_train + n_test)
+    while len(train) < n_train or len(test) < n_test:
+        budget -= 1
+        if budget < 0:
+            raise ValueError(f"could not draw {n_train} train + {n_test} test distinct problems "
+                             f"(got {len(train)} + {len(test)}); the problem space of {cfg} is too "
+                             "small")
+        p = make_problem(rng, cfg)
+        key = problem_key(p)
+        if key in seen:
+            continue
+        seen.add(key)
+        bucket = test if is_test(p, cfg) else train
+        if len(bucket) < (n_test if bucket is test else n_train):
+            bucket.append(p)
+    return train, test
+
+def task_corpus(cfg=None, n=2000, seed=0):
+    """Texts for training the task tokenizer: n questions and their solutions (from the train
+    partition's generator stream; any problem is fine here since only the vocabulary is learned)."""
+    cfg = cfg or TaskConfig()
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        p = make_problem(rng, cfg)
+        texts += [p["question"], p["solution"]]
+    return texts
+
+# -----------------------------------------------------------------------------
+# COAT demonstration synthesis (generator -> critic -> reward-model selection): added below.
