@@ -365,3 +365,28 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
             for k, v in step.items():
                 hist.setdefault(k, []).append(v)
     return {k: sum(v) / len(v) for k, v in hist.items()}
+
+# -----------------------------------------------------------------------------
+# ExPO self-explanation term
+
+def expo_loss(model, r: Rollouts, beta=0.04, temperature=1.0, agg="token_mean", max_len=None):
+    """ExPO: the GRPO objective gains + beta * log pi(c~, a* | q), so the loss gains
+        -beta * aggregate(log pi(token)) over the tokens of c~ (which ends in \\boxed{a*}).
+    r: rows of QUESTION-ONLY prompts (tokenizer.prompt(q), not reward.expo_prompt) + the
+    self-explanation tokens as responses (make_rollouts; no old_logp / advantages needed: this is a
+    plain likelihood term, no ratio or clip). agg / max_len as aggregate_loss (use the update's).
+    Returns (loss, {"expo_logp": the aggregated log-prob, detached})."""
+    logp = response_logprobs(model, r, temperature)                      # [B, T], 0 on padding
+    lp = aggregate_loss(logp, r.mask, agg, max_len)
+    return -beta * lp, {"expo_logp": lp.detach()}
+
+def expo_select(rewards, group_size, threshold=0.0):
+    """bool [P]: the prompts whose group's mean reward is <= threshold (+1e-6 for float noise), i.e.
+    where the policy is stuck near zero reward, which is where ExPO helps. rewards [B] with each
+    prompt's group_size samples contiguous (as group_advantages). threshold is in the reward's own
+    units: 0.0 for 1/0 accuracy rewards (all wrong), -1.0 for Satori's 0/-1 r_rule."""
+    B = rewards.shape[0]
+    if B % group_size != 0:
+        raise ValueError(f"batch {B} is not a multiple of group_size {group_size}")
+    mean = rewards.to(torch.float64).view(-1, group_size).mean(dim=1)   # [P]
+    return mean <= threshold + 1e-6

@@ -386,3 +386,156 @@ def coat_grammar_ok(text):
         return False
     end = _close_brace(last, boxes[0].end(), len(last))
     return end >= 0 and _ANSWER_TAIL.fullmatch(last, end + 1) is not None
+
+# -----------------------------------------------------------------------------
+# RLSP exploration reward
+
+# RLSP (REFERENCE.md) adds an exploration signal to the verifier's reward, decoupled from it and
+# weighted by a coefficient with a schedule; its simplest form rewards more intermediate steps. A raw
+# step count is trivially farmed (newlines, repeated lines, empty <|continue|>s), so only DISTINCT,
+# INFORMATIVE steps count, and the count is capped: the bonus is bounded by coef whatever the length.
+
+_MIN_STEP_CHARS = 8     # non-whitespace characters a step needs to count ("x = 3." is too short)
+
+def reasoning_steps(text, coat=None):
+    """The steps that exploration_reward counts, in order, each whitespace-normalised.
+    Splitting: COAT text (coat=True, or coat=None and a meta token is present) splits at the meta
+    tokens (split_steps: the first step plus one per <|continue|> / <|reflect|> / <|explore|>);
+    plain text splits into lines. Trailing <|im_end|> / <|endoftext|> are dropped first, and any
+    other special token inside a step is treated as whitespace. A step counts only if
+      - after collapsing every whitespace run to one space, it has >= _MIN_STEP_CHARS non-whitespace
+        characters and at least one letter or digit (so "", "   ", "...", "ok." never count), and
+      - its normalised text differs from every step counted before it (a verbatim repeat, even with
+        other spacing or line breaks, counts once)."""
+    text = _END_TOKENS.sub("", text or "")
+    if coat is None:
+        coat = _META.search(text) is not None
+    raw = [s for _, s in split_steps(text)] if coat else text.splitlines()
+    steps, seen = [], set()
+    for s in raw:
+        s = " ".join(_SPECIAL.sub(" ", s).split())
+        if len(s) - s.count(" ") < _MIN_STEP_CHARS or not any(c.isalnum() for c in s) or s in seen:
+            continue
+        seen.add(s)
+        steps.append(s)
+    return steps
+
+def exploration_reward(text, max_steps=8, coat=None):
+    """RLSP's exploration reward in [0, 1]: min(#distinct informative steps, max_steps) / max_steps,
+    steps as in reasoning_steps. How each kind of padding earns nothing:
+      - whitespace (spaces, blank lines, trailing newlines): collapsed, so no step gets longer or new;
+        blank lines are empty steps;
+      - empty steps (a meta token followed by nothing, "<|continue|><|continue|>", blank lines):
+        fewer than _MIN_STEP_CHARS characters, so they do not count;
+      - repeated steps or lines (verbatim, up to whitespace): counted once;
+      - punctuation or special-token filler ("......", "<|im_end|>" mid-text): no letter or digit;
+      - length itself: the reward depends on the count of distinct steps only, and is capped at 1
+        after max_steps of them, so tokens beyond that earn nothing.
+    What remains farmable is writing max_steps distinct, non-trivial steps: that is bounded by the
+    cap, and rlsp_coef weights (and can decay) it. For a COAT policy pass coat=True, so that dropping
+    the meta tokens and writing lines does not earn more than the meta-token steps would."""
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    return min(len(reasoning_steps(text, coat)), max_steps) / max_steps
+
+def rlsp_reward(correct, text, coef, max_steps=8, coat=None):
+    """RLSP sequence reward: r_correct + coef * exploration_reward(text), with r_correct = 0 if
+    correct is True else -1 (Satori's r_rule; None = no \\boxed answer = wrong). The exploration part
+    is paid whatever the outcome (decoupled from the verifier). coef comes from rlsp_coef. To combine
+    with Satori's full reward, add coef * exploration_reward(text) to satori_reward(...) instead."""
+    return (0.0 if correct is True else -1.0) + coef * exploration_reward(text, max_steps, coat)
+
+def rlsp_coef(step, total, coef0, schedule="constant"):
+    """Weight of the exploration reward at RL step `step` of `total`.
+    constant:     coef0 throughout.
+    linear_decay: coef0 * max(0, 1 - step / total): coef0 at step 0, 0 from step total on, so the
+                  exploration bonus shapes early behaviour and the verifier's reward has the last word."""
+    if schedule == "constant":
+        return coef0
+    if schedule == "linear_decay":
+        if total <= 0:
+            raise ValueError(f"linear_decay needs total > 0, got {total}")
+        return coef0 * max(0.0, 1.0 - step / total)
+    raise ValueError(f"unknown rlsp schedule {schedule!r} (expected 'constant' or 'linear_decay')")
+
+# -----------------------------------------------------------------------------
+# RLT teacher reward
+
+# RLT (REFERENCE.md): the teacher sees the question AND its solution and writes an explanation
+# between tags; the student reads question + explanation, then the solution is scored under the
+# student. The reward needs three rescored log-prob vectors; the caller gets them by tokenising the
+# explanation ONCE and placing the same ids in both contexts:
+#   teacher row: ids(rlt_teacher_prompt(q, sol) + "<think>") + ids(expl) + ids("</think>")
+#                -> teacher_expl_logp [E] at the expl ids
+#   student row: ids(RLT_STUDENT_PREFIX.format(question=q)) + ids(expl) + ids(RLT_STUDENT_SUFFIX)
+#                + ids(sol) -> student_expl_logp [E] at the expl ids, student_sol_logp [S] at the sol ids
+# (rlt_student_prompt(q, expl) is exactly that prefix + expl + suffix as one string.)
+
+RLT_MISSING_TAGS_REWARD = -1.0
+RLT_TEACHER_TEMPLATE = ("<|im_start|>user\nHere is a math problem and its solution. Explain step by step "
+                        "how to reach the solution, so that a student who sees only the problem and your "
+                        "explanation can solve it. Write the explanation between <think> and </think>.\n"
+                        "Problem: {question}\nSolution: {solution}<|im_end|>\n<|im_start|>assistant\n")
+# Satori's prompt (tokenizer.PROMPT_TEMPLATE, repeated here to keep reward.py free of imports), then the
+# explanation as the student's own thinking; the solution tokens follow the suffix.
+RLT_STUDENT_PREFIX = ("<|im_start|>user\nSolve the following math problem efficiently and clearly.\n"
+                      "Please reason step by step, and put your final answer within \\boxed{{}}.\n"
+                      "Problem: {question}<|im_end|>\n<|im_start|>assistant\n<think>")
+RLT_STUDENT_SUFFIX = "</think>\n"
+
+def rlt_teacher_prompt(question, solution):
+    return RLT_TEACHER_TEMPLATE.format(question=question, solution=solution)
+
+def rlt_student_prompt(question, explanation):
+    return RLT_STUDENT_PREFIX.format(question=question) + explanation + RLT_STUDENT_SUFFIX
+
+def extract_explanation(text, open_tag="<think>", close_tag="</think>"):
+    """The explanation between the tags, stripped; None if malformed: not exactly one open_tag and
+    one close_tag, the close before the open, or nothing but whitespace between them. Text before
+    the open tag or after the close tag is ignored."""
+    if text is None or text.count(open_tag) != 1 or text.count(close_tag) != 1:
+        return None
+    i, j = text.index(open_tag) + len(open_tag), text.index(close_tag)
+    if j < i:
+        return None
+    return text[i:j].strip() or None
+
+def _floats(x):
+    return [float(v) for v in (x.tolist() if hasattr(x, "tolist") else x)]   # tensor, array or list
+
+def rlt_reward(student_sol_logp, student_expl_logp, teacher_expl_logp, lam=3.0, alpha=0.01):
+    """RLT teacher reward r = r_SS - lam * r_KL (float), from 1-D log-prob vectors of the real tokens:
+      r_SS = mean_t(s_t) + alpha * min_t(s_t),  s_t = student log p of solution token t   [S]
+      r_KL = mean_t(d_t) + alpha * max_t(d_t),  d_t = teacher_expl_logp_t - student_expl_logp_t  [E]
+    r_SS: the student finds the solution likely (the min term: no token left very unlikely);
+    r_KL: the explanation is not much likelier under the teacher, who saw the solution, than under
+    the student, who did not (the max term: no token that only makes sense knowing the answer)."""
+    s, se, te = _floats(student_sol_logp), _floats(student_expl_logp), _floats(teacher_expl_logp)
+    if not s or not se or len(se) != len(te):
+        raise ValueError(f"need S > 0 and E > 0 equal for both explanation vectors, got "
+                         f"S={len(s)}, E={len(se)} and {len(te)}")
+    d = [t - u for t, u in zip(te, se)]
+    r_ss = math.fsum(s) / len(s) + alpha * min(s)
+    r_kl = math.fsum(d) / len(d) + alpha * max(d)
+    return r_ss - lam * r_kl
+
+def rlt_teacher_reward(explanation, student_sol_logp=None, student_expl_logp=None, teacher_expl_logp=None,
+                       lam=3.0, alpha=0.01):
+    """The teacher's reward for one sample: -1 when its output had no well-formed explanation
+    (explanation = extract_explanation(text) is None; no log-probs needed then), else rlt_reward."""
+    if explanation is None:
+        return RLT_MISSING_TAGS_REWARD
+    return rlt_reward(student_sol_logp, student_expl_logp, teacher_expl_logp, lam, alpha)
+
+# -----------------------------------------------------------------------------
+# ExPO self-explanation prompt (the loss term is ppo.expo_loss)
+
+EXPO_TEMPLATE = ("<|im_start|>user\nSolve the following math problem efficiently and clearly.\n"
+                 "Please reason step by step, and put your final answer within \\boxed{{}}.\n"
+                 "Problem: {question}\nThe correct final answer is {answer}. Write a solution that "
+                 "explains how to reach it.<|im_end|>\n<|im_start|>assistant\n")
+
+def expo_prompt(question, answer):
+    """The policy's prompt for a self-explanation c~ given the question AND the correct answer a*.
+    c~ (ending in \\boxed{a*}) is then scored under the question-only prompt by ppo.expo_loss."""
+    return EXPO_TEMPLATE.format(question=question, answer=answer)
