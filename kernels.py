@@ -1,0 +1,464 @@
+"""Triton kernels for the two hot spots of RL post-training, each with a plain-torch reference.
+
+    kernels.store_kv(k, v, k_cache, v_cache, slot_mapping)                # write new K/V into paged slots
+    kernels.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    kernels.token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False)
+
+Paged cache layout, per layer: k_cache, v_cache [num_blocks, block_size, n_kv_heads, head_dim]; the
+slot of a token is block_id * block_size + offset; a sequence's block table lists its block ids.
+
+Dispatch: the Triton kernel runs when the tensor is on CUDA, or on any device when the environment
+variable TRITON_INTERPRET=1 was set before this module was imported (Triton reads it when the kernels
+are decorated): that is how CI runs the kernels on CPU. Otherwise the `*_ref` functions run; they
+have the same signatures and are what the tests compare the kernels against.
+"""
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # a CPU-only install: the kernels below are defined but never launched
+    HAS_TRITON = False
+
+    class _NoTriton:
+        constexpr = None
+
+        @staticmethod
+        def jit(fn):
+            return fn
+    triton = tl = _NoTriton()
+
+
+def _use_triton(t):
+    return HAS_TRITON and (t.is_cuda or INTERPRET)
+
+
+def _num_sms(device):
+    # How many programs fill the machine; in the CPU interpreter every program runs in turn, so few.
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _next_pow2(n):
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _dot_mode(x):
+    # fp32 operands use TF32 tensor cores only when torch would (torch.backends.cuda.matmul.allow_tf32);
+    # the CPU interpreter multiplies bf16 as raw uint16 bits, so there every operand is upcast.
+    if INTERPRET:
+        return "upcast"
+    return "tf32" if x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@triton.jit
+def _mma(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; bf16/fp16 operands go to the tensor cores as they are."""
+    if DOT == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. KV-cache store: k, v [N, n_kv, hd] -> cache slots slot_mapping [N] (-1 = skip, e.g. padding)
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_k, stride_v, stride_slot,
+                     ROW: tl.constexpr, ROW_PAD: tl.constexpr):
+    # One program per token: copy its n_kv * hd values of K and of V into its slot.
+    i = tl.program_id(0)
+    slot = tl.load(slot_ptr + i).to(tl.int64)
+    c = tl.arange(0, ROW_PAD)
+    mask = (c < ROW) & (slot + tl.zeros([ROW_PAD], tl.int64) >= 0)
+    k = tl.load(k_ptr + i * stride_k + c, mask=mask)
+    v = tl.load(v_ptr + i * stride_v + c, mask=mask)
+    tl.store(kc_ptr + slot * stride_slot + c, k, mask=mask)
+    tl.store(vc_ptr + slot * stride_slot + c, v, mask=mask)
+
+
+def _rows(x):
+    """[N, n_kv, hd] -> [N, n_kv * hd] with unit inner stride (a view when possible)."""
+    x = x.reshape(x.shape[0], -1)
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Write k, v [N, n_kv, hd] into k_cache, v_cache [num_blocks, block_size, n_kv, hd] in place at
+    the flat slots slot_mapping [N] (block_id * block_size + offset); slot -1 = skip that token."""
+    if not _use_triton(k):
+        return store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    N = k.shape[0]
+    if N == 0:
+        return None
+    k2, v2 = _rows(k.to(k_cache.dtype)), _rows(v.to(v_cache.dtype))
+    row = k2.shape[1]
+    _store_kv_kernel[(N,)](k2, v2, k_cache, v_cache, slot_mapping.contiguous(), k2.stride(0),
+                           v2.stride(0), k_cache.stride(1), ROW=row, ROW_PAD=_next_pow2(row))
+    return None
+
+
+def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Paged decode attention: one query token per sequence against its cached K/V, GQA, split-K
+# ------------------------------------------------------------------------------------------------
+# Grid (B, n_kv, splits): a program takes one sequence, one KV head and one slice of the context, and
+# computes all GROUP = n_heads / n_kv query heads that share that KV head, so each K/V tile is read
+# from memory once per group. Splitting the context gives a batch of 4 with 8k tokens of context as
+# many programs as a batch of 256 would; each split writes its normalised output and its log-sum-exp,
+# and a second kernel merges the splits (softmax over the splits' lse weights the outputs).
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, o_ptr, lse_ptr, scale, split_len,
+                        stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
+                        stride_vb, stride_vs, stride_vh, stride_bt,
+                        BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT: tl.constexpr):
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_heads = tl.num_programs(1) * GROUP
+    num_splits = tl.num_programs(2)
+    ctx = tl.load(lens_ptr + b).to(tl.int32)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, ctx)             # this program's tokens: [lo, hi)
+
+    g = tl.arange(0, G_PAD)                            # query heads of the group, padded (>= 16 for tl.dot)
+    d = tl.arange(0, D_PAD)
+    gmask, dmask = g < GROUP, d < HEAD_DIM
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)              # [G_PAD, D_PAD]
+
+    m = tl.full([G_PAD], float("-inf"), tl.float32)   # running max of the scores
+    l = tl.zeros([G_PAD], tl.float32)                 # running sum of exp(score - m)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)        # running sum of exp(score - m) * v
+    for start in range(lo, hi, BLOCK_N):               # every tile holds >= 1 valid token: m stays finite
+        t = start + tl.arange(0, BLOCK_N)
+        tmask = t < hi
+        # token t lives in block block_table[b, t // BLOCK_SIZE] at offset t % BLOCK_SIZE
+        blk = tl.load(bt_ptr + b * stride_bt + t // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+        off = t % BLOCK_SIZE
+        kvmask = tmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + blk[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh
+                    + d[None, :], mask=kvmask, other=0.0)                     # [BLOCK_N, D_PAD]
+        s = _mma(q, tl.trans(k), tl.zeros([G_PAD, BLOCK_N], tl.float32), DOT) * scale
+        s = tl.where(tmask[None, :], s, float("-inf"))                        # [G_PAD, BLOCK_N]
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)                      # rescales what was summed under the old max
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + blk[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh
+                    + d[None, :], mask=kvmask, other=0.0)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT)
+        m = m_new
+
+    # An empty split (lo >= ctx) leaves l = 0: it writes o = 0 and lse = -inf, weight 0 in the merge.
+    l_safe = tl.where(l > 0, l, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l > 0, m + tl.log(l_safe), float("-inf"))
+    row = (b * n_heads + heads) * num_splits + split                         # o_part [B, H, S, D]
+    tl.store(o_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=gmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + row, lse, mask=gmask)
+
+
+@triton.jit
+def _merge_splits_kernel(o_part_ptr, lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
+    # One program per (sequence, query head): out = sum_s softmax(lse)_s * o_s.
+    b, h = tl.program_id(0), tl.program_id(1)
+    row = b * tl.num_programs(1) + h
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    smask, dmask = s < num_splits, d < HEAD_DIM
+    lse = tl.load(lse_ptr + row * num_splits + s, mask=smask, other=float("-inf"))
+    w = tl.exp(lse - tl.max(lse, 0))                  # split 0 is never empty (ctx >= 1): max finite
+    w = w / tl.sum(w, 0)
+    o = tl.load(o_part_ptr + (row * num_splits + s[:, None]) * HEAD_DIM + d[None, :],
+                mask=smask[:, None] & dmask[None, :], other=0.0)
+    out = tl.sum(w[:, None] * o, 0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out, mask=dmask)
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None):
+    """q [B, n_heads, hd] of one new token per sequence -> [B, n_heads, hd] in q's dtype.
+    block_tables [B, max_blocks] int (entries past a sequence's length: any valid id, e.g. 0);
+    context_lens [B] int >= 1: cached tokens to attend to, the current one (already stored) included.
+    num_splits: context splits per sequence (None: enough programs to fill the GPU)."""
+    if not _use_triton(q):
+        return decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    B, n_heads, hd = q.shape
+    _, block_size, n_kv, _ = k_cache.shape
+    group = n_heads // n_kv
+    assert n_heads % n_kv == 0 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
+    BLOCK_N = 64 if q.is_cuda else 16
+    # The split size depends only on shapes (no .item() sync), so CUDA graphs can capture this call.
+    n_tiles = triton.cdiv(block_tables.shape[1] * block_size, BLOCK_N)
+    if num_splits is None:
+        num_splits = triton.cdiv(2 * _num_sms(q.device), B * n_kv)   # ~2 waves of programs
+    tiles_per_split = triton.cdiv(n_tiles, max(1, min(num_splits, n_tiles)))
+    num_splits = triton.cdiv(n_tiles, tiles_per_split)
+    o_part = torch.empty(B, n_heads, num_splits, hd, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, n_heads, num_splits, device=q.device, dtype=torch.float32)
+    D_PAD = _next_pow2(max(hd, 16))
+    _decode_attn_kernel[(B, n_kv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, o_part, lse, float(scale),
+        tiles_per_split * BLOCK_N, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        BLOCK_SIZE=block_size, GROUP=group, G_PAD=_next_pow2(max(group, 16)), HEAD_DIM=hd,
+        D_PAD=D_PAD, BLOCK_N=BLOCK_N, DOT=_dot_mode(q), num_warps=8)
+    out = torch.empty_like(q)
+    _merge_splits_kernel[(B, n_heads)](o_part, lse, out, num_splits, out.stride(0), out.stride(1),
+                                       HEAD_DIM=hd, D_PAD=D_PAD, S_PAD=_next_pow2(num_splits))
+    return out
+
+
+def decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
+    # Gather every sequence's padded context [B, T, n_kv, hd] and mask positions >= context_len.
+    B, n_heads, hd = q.shape
+    _, block_size, n_kv, _ = k_cache.shape
+    T = block_tables.shape[1] * block_size
+    pos = torch.arange(T, device=q.device)
+    slots = block_tables.long()[:, pos // block_size] * block_size + pos % block_size       # [B, T]
+    k = k_cache.reshape(-1, n_kv, hd)[slots].float()
+    v = v_cache.reshape(-1, n_kv, hd)[slots].float()
+    qg = q.float().view(B, n_kv, n_heads // n_kv, hd)            # query heads grouped by KV head
+    s = torch.einsum("bkgd,btkd->bkgt", qg, k) * scale           # [B, n_kv, group, T]
+    s = s.masked_fill(pos >= context_lens.view(B, 1, 1, 1), float("-inf"))
+    o = torch.einsum("bkgt,btkd->bkgd", s.softmax(-1), v)
+    return o.reshape(B, n_heads, hd).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Fused linear -> log-prob: log softmax(hidden @ weight.T / T)[target] without the [N, V] logits
+# ------------------------------------------------------------------------------------------------
+# Forward (Triton): grid (row tiles, vocab splits). Each program streams its vocabulary slice in
+# [BM, BV] logit tiles (a K-loop over the hidden size) and keeps, per row, an online max m, sum of
+# exp s = sum exp(z - m), t = sum exp(z - m) * (z - m) for the entropy, and the target's logit;
+# torch merges the splits: lse = M + log S, entropy = log S - T / S (relative to the merged max M,
+# so no large logits cancel). Memory: O(N * splits).
+# Backward: for chunks of tokens, dz = d loss / d logits is recomputed tile by tile from the saved
+# lse (Triton, or torch on CPU) into a [chunk, V] buffer, then two matmuls give the chunk's grad of
+# hidden (dz @ W) and add its grad of weight (dz.T @ h). With z = logits / T, p = softmax(z):
+#   d logp_target / dz = onehot(target) - p,     d entropy / dz = -p * (log p + entropy).
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, H, stride_h, stride_w,
+                 BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    """hidden[rows] @ weight[cols].T as a [BM, BV] fp32 tile; rows/cols are int64."""
+    acc = tl.zeros([BM, BV], tl.float32)
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < H
+        a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
+                    mask=rmask[:, None] & kmask[None, :], other=0.0)             # [BM, BK]
+        b = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None],
+                    mask=cmask[None, :] & kmask[:, None], other=0.0)             # [BK, BV]
+        acc = _mma(a, b, acc, DOT)
+    return acc
+
+
+@triton.jit
+def _logprob_fwd_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, zt_ptr, N, V, H, split_len,
+                        inv_temp, stride_h, stride_w,
+                        BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    pid_m, pid_s = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM).to(tl.int64)
+    rmask = rows < N
+    tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+    v_lo = pid_s * split_len
+    v_hi = tl.minimum(v_lo + split_len, V)
+    # m starts finite so that s * (m - m_new) below is 0, not 0 * -inf, on the first tile.
+    m = tl.full([BM], -1e30, tl.float32)
+    s = tl.zeros([BM], tl.float32)
+    t = tl.zeros([BM], tl.float32)
+    zt = tl.zeros([BM], tl.float32)
+    for v0 in range(v_lo, v_hi, BV):
+        cols = v0 + tl.arange(0, BV).to(tl.int64)
+        cmask = cols < v_hi
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, H, stride_h, stride_w,
+                         BM, BV, BK, DOT) * inv_temp
+        z = tl.where(cmask[None, :], z, float("-inf"))                           # [BM, BV]
+        m_new = tl.maximum(m, tl.max(z, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])                                          # 0 where masked
+        dz = tl.where(cmask[None, :], z - m_new[:, None], 0.0)
+        # exp(z - m_new) * (z - m_new) = alpha * exp(z - m) * ((z - m) + (m - m_new))
+        t = alpha * (t + s * (m - m_new)) + tl.sum(p * dz, 1)
+        s = s * alpha + tl.sum(p, 1)
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+        m = m_new
+    out = rows * tl.num_programs(1) + pid_s                                      # partials [N, S]
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(s_ptr + out, s, mask=rmask)
+    tl.store(t_ptr + out, t, mask=rmask)
+    tl.store(zt_ptr + out, zt, mask=rmask)
+
+
+@triton.jit
+def _logprob_dz_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr, N, V, H,
+                       inv_temp, stride_h, stride_w, stride_dz, HAS_GENT: tl.constexpr,
+                       BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    # Grid (row tiles, vocab tiles) over one chunk of tokens: dz [chunk, V] = d loss / d logits.
+    pid_m, pid_v = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM).to(tl.int64)
+    cols = pid_v * BV + tl.arange(0, BV).to(tl.int64)
+    rmask, cmask = rows < N, cols < V
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, H, stride_h, stride_w,
+                     BM, BV, BK, DOT) * inv_temp
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    tgt = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+    glp = tl.load(glp_ptr + rows, mask=rmask, other=0.0)
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    dz = tl.where(cols[None, :] == tgt[:, None], glp[:, None], 0.0) - glp[:, None] * p
+    if HAS_GENT:
+        ent = tl.load(ent_ptr + rows, mask=rmask, other=0.0)
+        gent = tl.load(gent_ptr + rows, mask=rmask, other=0.0)
+        dz -= gent[:, None] * p * (logp + ent[:, None])
+    tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz * inv_temp,
+             mask=rmask[:, None] & cmask[None, :])
+
+
+def _lp_blocks(x):
+    # BM, BV, BK. On sm_90 a 64 x 128 fp32 tile with 8 warps compiles without register spills.
+    return (64, 128, 64) if x.is_cuda else (16, 64, 32)       # small tiles for the interpreter
+
+
+def _lp_forward_triton(hidden, weight, targets, inv_temp):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    BM, BV, BK = _lp_blocks(hidden)
+    row_tiles, v_tiles = triton.cdiv(N, BM), triton.cdiv(V, BV)
+    # Split the vocabulary when there are few row tiles (the sampler's batch): fill the GPU.
+    splits = min(v_tiles, triton.cdiv(2 * _num_sms(hidden.device), row_tiles))
+    split_len = triton.cdiv(v_tiles, splits) * BV
+    splits = triton.cdiv(V, split_len)
+    m, s, t, zt = (torch.empty(N, splits, device=hidden.device, dtype=torch.float32) for _ in range(4))
+    _logprob_fwd_kernel[(row_tiles, splits)](hidden, weight, targets, m, s, t, zt, N, V, H, split_len,
+                                             inv_temp, hidden.stride(0), weight.stride(0),
+                                             BM=BM, BV=BV, BK=BK, DOT=_dot_mode(hidden), num_warps=8)
+    M = m.amax(1, keepdim=True)
+    w = torch.exp(m - M)
+    S = (s * w).sum(1)
+    T = (w * (t + s * (m - M))).sum(1)
+    lse = M[:, 0] + torch.log(S)
+    return zt.sum(1) - lse, torch.log(S) - T / S, lse
+
+
+def _lp_dz_triton(h, weight, targets, lse, ent, glp, gent, inv_temp):
+    N, H = h.shape
+    V = weight.shape[0]
+    BM, BV, BK = _lp_blocks(h)
+    dz = torch.empty(N, V, device=h.device, dtype=h.dtype)
+    _logprob_dz_kernel[(triton.cdiv(N, BM), triton.cdiv(V, BV))](
+        h, weight, targets, lse, ent, glp, gent if gent is not None else glp, dz, N, V, H, inv_temp,
+        h.stride(0), weight.stride(0), dz.stride(0), HAS_GENT=gent is not None,
+        BM=BM, BV=BV, BK=BK, DOT=_dot_mode(h), num_warps=8)
+    return dz
+
+
+def _lp_forward_torch(hidden, weight, targets, inv_temp):
+    # Chunks of tokens: at most ~2 [chunk, V] fp32 buffers live at a time.
+    w = weight.float()
+    logp_t, ent, lse_all = (torch.empty(hidden.shape[0], device=hidden.device) for _ in range(3))
+    for sl in _chunks(hidden, weight.shape[0], 4):
+        z = (hidden[sl].float() @ w.T).mul_(inv_temp)                           # [c, V]
+        lse = torch.logsumexp(z, -1)
+        logp = z.sub_(lse[:, None])                                            # log-softmax, in place
+        logp_t[sl] = logp.gather(1, targets[sl, None])[:, 0]
+        ent[sl] = -(logp.exp().mul_(logp)).sum(-1)
+        lse_all[sl] = lse
+    return logp_t, ent, lse_all
+
+
+def _lp_dz_torch(h, weight, targets, lse, ent, glp, gent, inv_temp):
+    logp = (h.float() @ weight.float().T).mul_(inv_temp).sub_(lse[:, None])    # [c, V]
+    p = logp.exp()
+    dz = p * -glp[:, None]
+    if gent is not None:
+        dz -= logp.add_(ent[:, None]).mul_(p).mul_(gent[:, None])              # p * (log p + H) * g
+    dz[torch.arange(h.shape[0], device=h.device), targets] += glp
+    return dz.mul_(inv_temp)
+
+
+LOGPROB_CHUNK_BYTES = 64 << 20   # size of one [chunk, V] buffer on CPU; 16x that on GPU
+
+
+def _chunks(hidden, V, elem_bytes):
+    # Token chunks whose [chunk, V] buffers stay ~64 MB on CPU (~1 GB on GPU).
+    budget = LOGPROB_CHUNK_BYTES * (16 if hidden.is_cuda else 1)
+    c = max(1, budget // (V * elem_bytes))
+    return [slice(i, min(i + c, hidden.shape[0])) for i in range(0, hidden.shape[0], c)]
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temp, use_triton):
+        fwd = _lp_forward_triton if use_triton else _lp_forward_torch
+        logp, ent, lse = fwd(hidden, weight, targets, inv_temp)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.inv_temp, ctx.use_triton = inv_temp, use_triton
+        ctx.set_materialize_grads(False)               # unused entropy -> g_ent None -> cheaper dz
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
+        dz_fn = _lp_dz_triton if ctx.use_triton else _lp_dz_torch
+        gh = torch.empty_like(hidden) if need_h else None
+        gw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        for sl in _chunks(hidden, weight.shape[0], hidden.element_size()):
+            h = hidden[sl]
+            dz = dz_fn(h, weight, targets[sl], lse[sl], ent[sl], g_lp[sl],
+                       None if g_ent is None else g_ent[sl], ctx.inv_temp).to(hidden.dtype)
+            if need_h:
+                gh[sl] = dz @ weight
+            if need_w and gw.dtype == h.dtype:
+                gw.addmm_(dz.T, h)
+            elif need_w:                                # bf16 matmul, fp32 accumulation over chunks
+                gw += (dz.T @ h).float()
+        return gh, None if gw is None else gw.to(weight.dtype), None, None, None
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False):
+    """log softmax(hidden @ weight.T / temperature)[targets] without materialising the logits.
+    hidden [N, H] (or [..., H]), weight [V, H], targets [N] (or [...]) int64 in [0, V) -> logprobs
+    fp32 [N]; with return_entropy, also the entropy of each row's distribution, fp32 [N]. Both are
+    differentiable w.r.t. hidden and weight (hidden is cast to weight's dtype)."""
+    return _token_logprobs(hidden, weight, targets, temperature, return_entropy, _use_triton(hidden))
+
+
+def token_logprobs_ref(hidden, weight, targets, temperature=1.0, return_entropy=False):
+    """The chunked torch path of token_logprobs (what runs off CUDA), whatever the dispatch says."""
+    return _token_logprobs(hidden, weight, targets, temperature, return_entropy, False)
+
+
+def _token_logprobs(hidden, weight, targets, temperature, return_entropy, use_triton):
+    assert temperature > 0, "temperature 0 (greedy) has no log-probs: use 1.0"
+    lead = targets.shape
+    hidden = hidden.to(weight.dtype).reshape(-1, hidden.shape[-1])
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    targets = targets.reshape(-1).long().contiguous()
+    logp, ent = _TokenLogprobs.apply(hidden, weight, targets, 1.0 / temperature, use_triton)
+    logp, ent = logp.view(lead), ent.view(lead)
+    return (logp, ent) if return_entropy else logp

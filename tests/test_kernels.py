@@ -1,0 +1,271 @@
+"""kernels.py: the torch references against the plain definitions (in this process), and the Triton
+kernels against the references. Triton reads TRITON_INTERPRET when kernels.py is imported, so on a
+machine without a GPU the kernel tests (test_kernel_*) run in a subprocess with TRITON_INTERPRET=1
+(test_kernels_under_interpreter); with a GPU, or with TRITON_INTERPRET=1 already set, they run here.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_KERNELS = kernels.HAS_TRITON and (kernels.INTERPRET or torch.cuda.is_available())
+DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+needs_triton = pytest.mark.skipif(not RUN_KERNELS, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+
+# ---------------------------------------------------------------- plain definitions (float64)
+
+def store_kv_def(k, v, k_cache, v_cache, slot_mapping):
+    bs = k_cache.shape[1]
+    for i, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            k_cache[slot // bs, slot % bs] = k[i]
+            v_cache[slot // bs, slot % bs] = v[i]
+
+
+def decode_attention_def(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """Per sequence: gather its tokens' K/V through the block table, repeat each KV head for its
+    group of query heads, dense softmax attention."""
+    B, n_heads, hd = q.shape
+    bs, n_kv = k_cache.shape[1], k_cache.shape[2]
+    out = []
+    for b in range(B):
+        n = int(context_lens[b])
+        blocks = [int(block_tables[b, t // bs]) for t in range(n)]
+        k = torch.stack([k_cache[blocks[t], t % bs] for t in range(n)]).double()   # [n, n_kv, hd]
+        v = torch.stack([v_cache[blocks[t], t % bs] for t in range(n)]).double()
+        k = k.repeat_interleave(n_heads // n_kv, dim=1)                             # [n, heads, hd]
+        v = v.repeat_interleave(n_heads // n_kv, dim=1)
+        att = torch.einsum("hd,nhd->hn", q[b].double(), k) * scale
+        out.append(torch.einsum("hn,nhd->hd", att.softmax(-1), v))
+    return torch.stack(out)
+
+
+def logprobs_def(hidden, weight, targets, temperature=1.0):
+    """The naive way: full logits, log_softmax, gather; entropy = -sum p log p."""
+    logp = torch.log_softmax((hidden @ weight.T) / temperature, dim=-1)
+    return logp.gather(-1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
+# ---------------------------------------------------------------- shared cases
+
+def _cache(num_blocks, bs, n_kv, hd, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kc = torch.randn(num_blocks, bs, n_kv, hd, generator=g).to(DEVICE, dtype)
+    vc = torch.randn(num_blocks, bs, n_kv, hd, generator=g).to(DEVICE, dtype)
+    return kc, vc
+
+
+def _decode_case(group, dtype, hd=32, bs=8, n_kv=2, q_scale=1.0):
+    """Ragged lengths 1, bs - 1, bs, 3 * bs + 3; sequences 0 and 1 share their first block (a common
+    prompt prefix); unused table entries are 0; blocks are out of order."""
+    kc, vc = _cache(12, bs, n_kv, hd, dtype)
+    bt = torch.tensor([[5, 2, 9, 7, 0],
+                       [5, 0, 0, 0, 0],
+                       [3, 0, 0, 0, 0],
+                       [11, 1, 4, 6, 10]], dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([bs - 1, 1, bs, 3 * bs + 3], dtype=torch.int32, device=DEVICE)
+    q = (torch.randn(4, n_kv * group, hd, generator=torch.Generator().manual_seed(1)) * q_scale)
+    return q.to(DEVICE, dtype), kc, vc, bt, lens, hd ** -0.5
+
+
+def _lp_case(N=37, H=40, V=200, dtype=torch.float32, scale=1.0, seed=0):
+    # N, H, V are not multiples of the kernel tiles (16, 32, 64 on CPU; 64, 64, 128 on GPU).
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(N, H, generator=g) * scale).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H ** 0.5).to(DEVICE, dtype).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    return hidden, weight, targets
+
+
+def _grads(fn, hidden, weight, targets, temperature, g_lp, g_ent):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    lp, ent = fn(h, w, targets, temperature)
+    loss = (lp * g_lp).sum() + (0 if g_ent is None else (ent * g_ent).sum())
+    loss.backward()
+    return lp.detach(), ent.detach(), h.grad, w.grad
+
+
+def _close(a, b, tol, atol=None):
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol if atol is None else atol)
+
+
+# ---------------------------------------------------------------- references vs definitions
+
+def test_store_kv_ref_matches_definition():
+    kc, vc = _cache(4, 4, 2, 8, torch.float32)
+    k, v = torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    slots = torch.tensor([0, 15, -1, 6, 7, -1])
+    kc2, vc2 = kc.clone(), vc.clone()
+    kernels.store_kv_ref(k, v, kc, vc, slots)
+    store_kv_def(k, v, kc2, vc2, slots)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+@pytest.mark.parametrize("group", [1, 2, 7])
+def test_decode_attention_ref_matches_definition(group):
+    q, kc, vc, bt, lens, scale = _decode_case(group, torch.float32)
+    out = kernels.decode_attention_ref(q, kc, vc, bt, lens, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _close(out, decode_attention_def(q, kc, vc, bt, lens, scale), 1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_token_logprobs_ref_matches_definition(temperature, monkeypatch):
+    monkeypatch.setattr(kernels, "LOGPROB_CHUNK_BYTES", 200 * 4 * 8)    # chunks of 8 tokens
+    hidden, weight, targets = _lp_case()
+    g_lp, g_ent = torch.randn(37), torch.randn(37)
+    ref = lambda h, w, t, T: kernels.token_logprobs_ref(h, w, t, T, return_entropy=True)
+    got = _grads(ref, hidden, weight, targets, temperature, g_lp, g_ent)
+    want = _grads(logprobs_def, hidden.double(), weight.double(), targets, temperature, g_lp, g_ent)
+    for a, b in zip(got, want):
+        _close(a, b, 1e-5)
+    # log-probs only (the entropy output unused): its gradient must not leak in
+    got = _grads(ref, hidden, weight, targets, temperature, g_lp, None)
+    want = _grads(logprobs_def, hidden.double(), weight.double(), targets, temperature, g_lp, None)
+    for a, b in zip(got[2:], want[2:]):
+        _close(a, b, 1e-5)
+
+
+def test_token_logprobs_ref_extreme_logits_and_shapes():
+    hidden, weight, targets = _lp_case(scale=1e3)        # logits ~ 1e3: naive exp would overflow
+    lp, ent = kernels.token_logprobs_ref(hidden, weight, targets, return_entropy=True)
+    want_lp, want_ent = logprobs_def(hidden.double(), weight.double(), targets)
+    _close(lp, want_lp, 1e-3)
+    _close(ent, want_ent, 1e-3)
+    # [B, T, H] hidden and [B, T] targets keep their leading shape
+    lp2 = kernels.token_logprobs(hidden.view(1, 37, 40), weight, targets.view(1, 37))
+    assert lp2.shape == (1, 37)
+
+
+def test_token_logprobs_ref_bf16():
+    hidden, weight, targets = _lp_case(dtype=torch.bfloat16)
+    lp = kernels.token_logprobs_ref(hidden, weight, targets)
+    lp.sum().backward()
+    assert lp.dtype == torch.float32 and weight.grad.dtype == torch.bfloat16
+    _close(lp, logprobs_def(hidden.double(), weight.double(), targets)[0], 2e-2)
+
+
+def test_dispatch_off_cuda_uses_references():
+    if kernels.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1: kernels run on CPU tensors")
+    assert not kernels._use_triton(torch.zeros(1))
+
+
+def test_import_without_triton():
+    code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+            "import torch, kernels\n"
+            "assert not kernels.HAS_TRITON\n"
+            "h, w = torch.randn(3, 8, requires_grad=True), torch.randn(10, 8)\n"
+            "kernels.token_logprobs(h, w, torch.tensor([1, 2, 3])).sum().backward()\n"
+            "print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+# ---------------------------------------------------------------- Triton kernels vs references
+
+@pytest.mark.skipif(not kernels.HAS_TRITON or RUN_KERNELS, reason="kernel tests run in this process")
+def test_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        os.path.abspath(__file__), "-k", "test_kernel_"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and " skipped" not in r.stdout, r.stdout[-2000:]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_store_kv(dtype):
+    kc, vc = _cache(4, 4, 2, 8, dtype)
+    big = torch.randn(6, 3, 2, 8).to(DEVICE, dtype)
+    k, v = big[:, 0], big[:, 1]                             # strided views, as from a fused qkv
+    for slots in (torch.tensor([0, 15, -1, 6, 7, -1]), torch.tensor([3, -1, -1, 12, 1, 2], dtype=torch.int32)):
+        slots = slots.to(DEVICE)
+        kc2, vc2 = kc.clone(), vc.clone()
+        kernels.store_kv(k, v, kc, vc, slots)
+        kernels.store_kv_ref(k, v, kc2, vc2, slots)
+        assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # slot -1 left the cache as it was
+
+
+@needs_triton
+@pytest.mark.parametrize("group", [1, 2, 7])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_kernel_decode_attention(group, num_splits):
+    q, kc, vc, bt, lens, scale = _decode_case(group, torch.float32)
+    out = kernels.decode_attention(q, kc, vc, bt, lens, scale, num_splits=num_splits)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _close(out, kernels.decode_attention_ref(q, kc, vc, bt, lens, scale), 1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_decode_attention_half(dtype):
+    q, kc, vc, bt, lens, scale = _decode_case(7, dtype, hd=24, bs=4)   # head_dim not a power of 2
+    out = kernels.decode_attention(q, kc, vc, bt, lens, scale, num_splits=2)
+    assert out.dtype == dtype
+    _close(out, decode_attention_def(q, kc, vc, bt, lens, scale), 3e-2)
+
+
+@needs_triton
+def test_kernel_decode_attention_extreme_scores():
+    q, kc, vc, bt, lens, scale = _decode_case(2, torch.float32, q_scale=300.0)
+    bt, lens = bt.long(), lens.long()                      # int64 tables work too
+    out = kernels.decode_attention(q, kc, vc, bt, lens, scale, num_splits=4)
+    _close(out, kernels.decode_attention_ref(q, kc, vc, bt, lens, scale), 1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_kernel_token_logprobs(temperature, monkeypatch):
+    monkeypatch.setattr(kernels, "LOGPROB_CHUNK_BYTES", 200 * 4 * 16)   # backward in 3 chunks
+    hidden, weight, targets = _lp_case()
+    g = torch.Generator().manual_seed(2)
+    g_lp, g_ent = torch.randn(37, generator=g).to(DEVICE), torch.randn(37, generator=g).to(DEVICE)
+    fused = lambda h, w, t, T: kernels.token_logprobs(h, w, t, T, return_entropy=True)
+    ref = lambda h, w, t, T: kernels.token_logprobs_ref(h, w, t, T, return_entropy=True)
+    for g_e in (g_ent, None):                              # with and without the entropy's gradient
+        got = _grads(fused, hidden, weight, targets, temperature, g_lp, g_e)
+        want = _grads(ref, hidden, weight, targets, temperature, g_lp, g_e)
+        for a, b in zip(got, want):
+            _close(a, b, 1e-4)
+
+
+@needs_triton
+def test_kernel_token_logprobs_extreme_logits():
+    hidden, weight, targets = _lp_case(N=20, V=130, scale=1e3)
+    got = _grads(lambda h, w, t, T: kernels.token_logprobs(h, w, t, T, return_entropy=True),
+                 hidden, weight, targets, 1.0, torch.ones(20, device=DEVICE), None)
+    want = _grads(lambda h, w, t, T: logprobs_def(h, w, t, T),
+                  hidden.double(), weight.double(), targets, 1.0, torch.ones(20, device=DEVICE), None)
+    for a, b in zip(got, want):      # finite, and right up to the fp32 rounding of logits ~1e3
+        _close(a, b, 2e-3, atol=1e-4 * b.abs().max().item())
+
+
+@needs_triton
+def test_kernel_token_logprobs_small_batch():
+    hidden, weight, targets = _lp_case(N=1, V=300)         # the sampler's case: splits of the vocab
+    _close(kernels.token_logprobs(hidden, weight, targets),
+           logprobs_def(hidden.double(), weight.double(), targets)[0], 1e-4)
+
+
+@needs_triton
+def test_kernel_token_logprobs_bf16():
+    hidden, weight, targets = _lp_case(N=20, V=130, dtype=torch.bfloat16)
+    lp, ent = kernels.token_logprobs(hidden, weight, targets, return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    want = _grads(lambda h, w, t, T: logprobs_def(h, w, t, T), hidden.double(), weight.double(),
+                  targets, 1.0, torch.ones(20, device=DEVICE), torch.ones(20, device=DEVICE))
+    for a, b in zip((lp, ent, hidden.grad, weight.grad), want):
+        _close(a, b, 5e-2)
