@@ -1,0 +1,652 @@
+"""The CLI and the stage loop of nanosatori: pretrain -> synthesize -> sft -> eval (orm, rl, distill,
+rl2 plug in the same way).
+
+    python train.py                                   # the whole chain on the built-in task, out/
+    python train.py --stages=pretrain,eval            # the small base model, then its accuracy
+    python train.py --stages=eval --out=runs/a        # evaluate every stage model found in runs/a
+    python train.py --model=path/to/Qwen2.5-0.5B --data=train.jsonl --test_data=test.jsonl --stages=eval
+    torchrun --nproc_per_node=8 train.py ...          # (multi-GPU: not wired yet, see the report)
+
+Options are the fields of `Config` below, as --key=value (bools: --key=true/false, tuples:
+--key=0.9,0.95). Every stage writes a complete HF model directory into out/<name>/ (config.json,
+model.safetensors, tokenizer.json, tokenizer_config.json) and reads its input model from there, so
+any stage runs alone on the output of an earlier run. Progress goes to stdout, metrics to
+out/metrics.jsonl, and the eval stage writes out/results.json and out/results.md.
+"""
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+import data
+import reward
+from model import ModelConfig, Transformer, num_params
+import ppo
+import rae
+from model import ValueModel
+from rollout import Sampler
+from sft import SFTConfig, lr_at, orm_train, sft_train
+from tokenizer import Tokenizer, build_task_tokenizer
+
+
+@dataclass
+class Config:
+    stages: str = ""              # comma-separated stage names; "" = every stage in STAGES, in order
+    out: str = "out"              # everything of a run goes here
+    seed: int = 0
+    device: str = ""              # "" = cuda when available, else cpu
+    # a user's model / data instead of the built-in ones
+    model: str = ""               # HF Qwen2 directory used as the base model (skips pretraining)
+    data: str = ""                # JSONL of training questions ({"question","answer"} per line)
+    test_data: str = ""           # JSONL of held-out questions; "" = the last n_test of `data`
+    # the built-in task (data.TaskConfig): a chain of arithmetic operations
+    task_n_steps: int = 3
+    task_min_steps: int = 2       # > 0: the number of operations is uniform in [min_steps, n_steps]
+    task_ops: str = "+-*"
+    task_start_max: int = 99
+    task_max_operand: int = 99
+    task_mul_max: int = 9
+    task_max_value: int = 999
+    n_train: int = 20000
+    n_test: int = 200
+    # the built-in base model (a small Qwen2)
+    vocab_size: int = 384         # BPE vocabulary of the task tokenizer (chat tokens included)
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    # pretraining of the base model: SFT on (prompt, CoT solution + eos)
+    pretrain_lr: float = 3e-3
+    pretrain_steps: int = 400
+    pretrain_batch_tokens: int = 4096
+    pretrain_weight_decay: float = 0.1
+    # COAT demonstration synthesis (data.SynthConfig)
+    synth_questions: int = 2000   # training questions to synthesize from (up to 5 demos each)
+    synth_samples: int = 8        # CoT samples per question from the base model
+    synth_temperature: float = 1.0
+    synth_max_new_tokens: int = 128
+    # format tuning on COAT demonstrations
+    sft_lr: float = 1e-3          # Satori: 2e-5 for a 7B model; a tiny model wants far more
+    sft_epochs: float = 2.0
+    sft_batch_tokens: int = 4096
+    sft_weight_decay: float = 0.0
+    # shared by every SFT-like stage
+    warmup_frac: float = 0.03
+    min_lr_ratio: float = 0.1
+    grad_accum: int = 1
+    clip: float = 1.0
+    betas: tuple = (0.9, 0.95)
+    log_every: int = 25
+    # ORM + Restart-and-Explore: the format-tuned model samples rae_samples answers to each of the
+    # first rae_questions training questions; the same samples train the ORM and seed RAE
+    rae: bool = True              # RL round 1 starts from RAE restart states (false: plain questions)
+    rae_questions: int = 256
+    rae_samples: int = 8          # Satori: 8
+    rae_temperature: float = 1.0
+    rae_max_back: int = 2         # drop up to T steps before appending <|reflect|> (Satori: 2)
+    orm: bool = True              # train the ORM; the critic starts from it
+    orm_reward: bool = True       # add sigmoid(ORM score) to the reward
+    orm_lr: float = 3e-4
+    orm_epochs: float = 2.0
+    orm_batch_tokens: int = 4096
+    orm_margin: float = 2.0       # Bradley-Terry margin (Satori: 2)
+    # RL (PPO + GAE), round 1 from format_tuned, round 2 from distilled
+    rl_steps: int = 40
+    rl_batch: int = 64            # sampled responses per PPO step
+    rl_temperature: float = 0.6   # Satori: 0.6 in round 1
+    rl_max_new_tokens: int = 128
+    actor_lr: float = 2e-4        # Satori: 2e-7 for 7B; a tiny model wants far more
+    critic_lr: float = 5e-4
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    kl_coef: float = 0.0          # per-token KL penalty to the starting policy (Satori: 0)
+    ppo_epochs: int = 1
+    minibatch_size: int = 32      # responses per optimizer step
+    micro_batch: int = 16         # responses per forward/backward (gradient accumulation)
+    no_eos_penalty: float = -1.0  # reward of a response that never stops
+    reflect_bonus: float = 0.5    # RAE reflection bonus (Satori: 0.5)
+    # iterative self-improvement: distil the hardest solved questions into the base model, RL again
+    distill_questions: int = 256
+    distill_samples: int = 4
+    distill_keep: float = 0.5     # share of the solved questions kept, hardest first
+    distill_lr: float = 1e-3
+    distill_epochs: float = 3.0
+    distill_batch_tokens: int = 4096
+    rl2_steps: int = 20
+    rl2_temperature: float = 1.2  # Satori round 2: 1.2
+    rl2_samples: int = 4          # samples per prompt (Satori: 8)
+    # evaluation: greedy pass@1 on the held-out set
+    eval_max_new_tokens: int = 160
+    gen_batch: int = 64           # sequences decoded at once (eval, synthesis)
+
+
+# -----------------------------------------------------------------------------
+# --key=value overrides
+
+def _convert(text, typ, key):
+    try:
+        if typ is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is tuple:
+            return tuple(float(x) for x in text.split(","))
+        return typ(text)
+    except ValueError:
+        raise SystemExit(f"--{key}={text}: expected a {typ.__name__}") from None
+
+
+def parse_args(argv, cfg=None):
+    """Apply ["--key=value", ...] to a Config (converted to each field's type)."""
+    cfg = cfg or Config()
+    types = {f.name: type(f.default) for f in fields(cfg)}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bad argument {arg!r}: options are --key=value")
+        key, val = arg[2:].split("=", 1)
+        key = key.replace("-", "_")
+        if key not in types:
+            raise SystemExit(f"unknown option --{key}; options: " + " ".join(sorted(types)))
+        setattr(cfg, key, _convert(val, types[key], key))
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# logging: every line to stdout, metrics also to out/metrics.jsonl
+
+def make_logger(out):
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "metrics.jsonl")
+
+    def log(msg, **metrics):
+        print(msg, flush=True)
+        if metrics:
+            with open(path, "a") as f:
+                f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+    return log
+
+
+# -----------------------------------------------------------------------------
+# problems, model directories
+
+def task_config(cfg):
+    return data.TaskConfig(**{f.name[5:]: getattr(cfg, f.name) for f in fields(cfg) if f.name.startswith("task_")})
+
+
+def load_problems(cfg):
+    """(train, test) lists of {"question", "answer", ...}: the user's JSONL, or the built-in task."""
+    if cfg.data:
+        train = data.load_jsonl(cfg.data)
+        if cfg.test_data:
+            return train, data.load_jsonl(cfg.test_data)
+        random.Random(cfg.seed).shuffle(train)
+        return train[:-cfg.n_test], train[-cfg.n_test:]
+    return data.builtin_split(task_config(cfg), cfg.n_train, cfg.n_test, cfg.seed)
+
+
+def get_device(cfg):
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def stage_dir(cfg, name):
+    """out/<name>; the base model is the user's directory when --model is given."""
+    if name == "base" and cfg.model:
+        return cfg.model
+    return os.path.join(cfg.out, name)
+
+
+def has_model(path):
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_stage(cfg, name):
+    path = stage_dir(cfg, name)
+    if not has_model(path):
+        raise SystemExit(f"{path}: no model there; run the stage that makes it first")
+    model = Transformer.from_pretrained(path, device=get_device(cfg), dtype=torch.float32)
+    return model, Tokenizer.from_pretrained(path)
+
+
+def save_stage(cfg, name, model, tok):
+    path = stage_dir(cfg, name)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def sft_config(cfg, prefix, **kw):
+    """The SFTConfig of one stage: its `<prefix>_*` fields plus the shared ones."""
+    own = {f.name: getattr(cfg, f"{prefix}_{f.name}") for f in fields(SFTConfig) if hasattr(cfg, f"{prefix}_{f.name}")}
+    shared = {k: getattr(cfg, k) for k in ("warmup_frac", "min_lr_ratio", "grad_accum", "clip", "betas",
+                                           "log_every", "seed")}
+    return SFTConfig(**{**shared, **own, **kw})
+
+
+# -----------------------------------------------------------------------------
+# evaluation: greedy pass@1, COAT statistics, self-correction (Satori Table 4)
+
+def reflect_start_state(text, problem):
+    """Was the response right BEFORE its first <|reflect|>? True / False, or None when there is no
+    <|reflect|> or nothing committed before it. (Lives here until reward.py takes it over.)
+      1. The text before the first <|reflect|> holds a \\boxed{} answer: that answer, graded against
+         problem["answer"] (Satori's case: answer, then reflect on it).
+      2. Otherwise, for a built-in task problem: the chain is right so far iff every step written
+         before the reflection is correct (data.check_steps): a reflection that interrupts a
+         correct partial chain starts from "right", one that follows a wrong step from "wrong".
+         (The last "= N" alone would call every mid-chain verification "wrong", which it is not.)
+      3. Otherwise (a user's problem, no answer yet): None, excluded from the counts."""
+    i = text.find("<|reflect|>")
+    if i < 0:
+        return None
+    before = text[:i]
+    ans = reward.extract_answer(before)
+    if ans is not None:
+        return reward.is_equiv(ans, problem["answer"])
+    if ("ops" in problem and "start" in problem) or data.parse_question(problem["question"]) is not None:
+        for t in reward.META_TOKENS:
+            before = before.replace(t, "\n")
+        steps = data.solution_steps(before)
+        if not steps:
+            return None
+        first_wrong = data.check_steps(problem, steps)
+        return first_wrong is None or first_wrong >= len(steps)
+    return None
+
+
+def score_responses(texts, problems, lengths=None):
+    """Metrics of a set of responses (texts, one per problem). Self-correction: among responses with
+    a <|reflect|> whose state before it is known (reflect_start_state), those whose answer CHANGES:
+    the right/wrong state flips, or, with a \\boxed answer before the reflection, the final answer
+    differs from it (wrong -> another wrong counts as a change too). wrong_to_right and
+    right_to_wrong are shares of those changes (0 when there are none)."""
+    n = len(texts)
+    correct = [reward.is_equiv(reward.extract_answer(t), p["answer"]) for t, p in zip(texts, problems)]
+    changed = w2r = r2w = 0
+    for t, p, ok in zip(texts, problems, correct):
+        before = reflect_start_state(t, p)
+        if before is None:
+            continue
+        early = reward.extract_answer(t[:t.find("<|reflect|>")])
+        if before != ok or (early is not None and not reward.is_equiv(early, reward.extract_answer(t))):
+            changed += 1
+            w2r += (not before) and ok
+            r2w += before and not ok
+    share = lambda xs: sum(xs) / max(n, 1)
+    return {"n": n,
+            "pass_at_1": share(correct),
+            "wrong_to_right": w2r / changed if changed else 0.0,
+            "right_to_wrong": r2w / changed if changed else 0.0,
+            "n_changed": changed,
+            "reflect_rate": share("<|reflect|>" in t for t in texts),
+            "explore_rate": share("<|explore|>" in t for t in texts),
+            "mean_steps": share(len(reward.split_steps(t)) for t in texts),
+            "grammar_ok": share(reward.coat_grammar_ok(t) for t in texts),
+            "boxed_rate": share(reward.extract_answer(t) is not None for t in texts),
+            "mean_length": share(lengths) if lengths is not None else share(len(t) for t in texts)}
+
+
+def evaluate(model, tok, problems, sampler=None, max_new_tokens=160, batch_size=64, return_texts=False):
+    """Greedy (temperature 0) pass@1 on held-out problems plus COAT statistics (score_responses);
+    mean_length is in generated tokens (stop token included)."""
+    prompts = [tok.encode_prompt(p["question"]) for p in problems]
+    if sampler is None:
+        model.eval()
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        sampler = Sampler(model, max_batch=batch_size, max_seq_len=longest)
+    outs = sampler.generate(prompts, max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids, seed=0)
+    stop = set(tok.stop_ids)
+    texts = [tok.decode(o.tokens[:-1] if o.tokens and o.tokens[-1] in stop else o.tokens) for o in outs]
+    m = score_responses(texts, problems, [len(o.tokens) for o in outs])
+    return (m, texts) if return_texts else m
+
+
+# -----------------------------------------------------------------------------
+# stages: each is fn(cfg, state) with state = {"log", "train", "test"}; add one with one line in STAGES
+
+def stage_pretrain(cfg, state):
+    """Tokenizer + small Qwen2 base model trained on (prompt, CoT solution + eos) -> out/base."""
+    log = state["log"]
+    if cfg.model:
+        log(f"pretrain: --model given, {cfg.model} is the base model")
+        return
+    torch.manual_seed(cfg.seed)
+    train = state["train"]
+    corpus = [Tokenizer.prompt(p["question"]) + p["solution"] for p in train[:5000]]
+    tok = build_task_tokenizer(corpus, vocab_size=cfg.vocab_size)
+    mcfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                       num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                       max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True)
+    model = Transformer(mcfg).to(get_device(cfg))
+    log(f"pretrain: {num_params(model) / 1e6:.2f}M parameters, vocab {tok.vocab_size}, {len(train)} problems")
+    examples = [(tok.encode_prompt(p["question"]), tok.encode(p["solution"]) + [tok.eos_id]) for p in train]
+    scfg = sft_config(cfg, "pretrain", max_steps=cfg.pretrain_steps)
+    m = sft_train(model, examples, scfg, log=log, on_metrics=lambda d: log_metrics(state, d), name="pretrain")
+    path = save_stage(cfg, "base", model, tok)
+    log(f"pretrain: {m['steps']} steps, {m['tokens']} tokens in {m['time_s']:.0f}s, loss {m['loss']:.4f} -> {path}",
+        stage="pretrain", done=True, **{k: v for k, v in m.items() if k != "losses"})
+
+
+def stage_synthesize(cfg, state):
+    """COAT demonstrations from the base model (generator -> exact critic -> one per type per
+    question, data.synthesize_coat) -> out/synthesize/demos.jsonl."""
+    log = state["log"]
+    model, tok = load_stage(cfg, "base")
+    problems = state["train"][:cfg.synth_questions]
+    longest = max(len(tok.encode_prompt(p["question"])) for p in problems)
+    # a continuation's prompt holds the chain so far and the critic's hint line, then generates:
+    # room for two generations and a hint (< 64 tokens)
+    sampler = Sampler(model, max_batch=cfg.gen_batch, max_seq_len=longest + 2 * cfg.synth_max_new_tokens + 64)
+    scfg = data.SynthConfig(n_samples=cfg.synth_samples, temperature=cfg.synth_temperature,
+                            max_new_tokens=cfg.synth_max_new_tokens)
+    records = data.synthesize_coat(data.sampler_generator(sampler, tok.stop_ids), tok, problems, scfg,
+                                   seed=cfg.seed, log=log)
+    data.write_demos(demos_path(cfg), records)
+    log(f"synthesize: {len(records)} demonstrations -> {demos_path(cfg)}", stage="synthesize",
+        **dict(data.synthesize_stats(records)))
+
+
+def demos_path(cfg):
+    return os.path.join(cfg.out, "synthesize", "demos.jsonl")
+
+
+def stage_sft(cfg, state):
+    """Format tuning: base + COAT tokens, SFT on demos.jsonl ({"question", "response", ...} per line,
+    response = COAT text ending in \\boxed{} and the eos token) -> out/format_tuned."""
+    log, path = state["log"], demos_path(cfg)
+    if not os.path.isfile(path):
+        raise SystemExit(f"sft: {path} does not exist; run --stages=synthesize first")
+    model, tok = load_stage(cfg, "base")
+    if tok.add_coat_tokens():
+        model.resize_vocab(tok.vocab_size)
+    with open(path) as f:
+        demos = [json.loads(line) for line in f if line.strip()]
+    if not demos:
+        raise SystemExit(f"sft: {path} holds no demonstrations (was the base model too weak to synthesize any?)")
+    # responses already end in the eos token text (data.synthesize_coat); add it where one does not
+    responses = [tok.encode(d["response"]) for d in demos]
+    examples = [(tok.encode_prompt(d["question"]), r if r[-1:] == [tok.eos_id] else r + [tok.eos_id])
+                for d, r in zip(demos, responses)]
+    log(f"sft: {len(examples)} COAT demonstrations from {path}")
+    m = sft_train(model, examples, sft_config(cfg, "sft"), log=log, on_metrics=lambda d: log_metrics(state, d))
+    out = save_stage(cfg, "format_tuned", model, tok)
+    log(f"sft: loss {m['first_loss']:.4f} -> {m['loss']:.4f} in {m['time_s']:.0f}s -> {out}",
+        stage="sft", done=True, **{k: v for k, v in m.items() if k != "losses"})
+
+
+# -----------------------------------------------------------------------------
+# stage 2: sampling + grading shared by the ORM, RAE, RL and distillation
+
+def sample_and_grade(sampler, tok, problems, prompts, qids, n, temperature, max_new_tokens, seed, skip=None):
+    """n samples of each prompt -> (completions, responses, correct) in prompt-major order. The graded
+    text of a sample is everything after its question's own prompt (a restart prefix included):
+    skip[i] = tokens of prompts[i] that belong to that prefix-free prompt."""
+    rep = [p for p in prompts for _ in range(n)]
+    outs = sampler.generate(rep, max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed)
+    stop = set(tok.stop_ids)
+    responses, correct = [], []
+    for i, o in enumerate(outs):
+        k = i // n
+        body = rep[i][skip[k]:] if skip else []
+        toks = o.tokens[:-1] if o.finished and o.tokens[-1] in stop else o.tokens
+        responses.append(o.tokens)
+        correct.append(reward.grade(tok.decode(body + toks), problems[qids[k]]["answer"]) is True)
+    return outs, responses, correct
+
+
+def stage_orm(cfg, state):
+    """The format-tuned model samples rae_samples solutions of rae_questions training questions; the
+    same samples give the ORM its (correct, incorrect) pairs and RAE its restart states
+    -> out/orm (ValueModel) and out/orm/rae.jsonl."""
+    log, train = state["log"], state["train"]
+    policy, tok = load_stage(cfg, "format_tuned")
+    qids = list(range(min(cfg.rae_questions, len(train))))
+    prompts = [tok.encode_prompt(train[q]["question"]) for q in qids]
+    K = cfg.rae_samples
+    sampler = Sampler(policy, max_batch=cfg.rl_batch * K, max_seq_len=max(map(len, prompts)) + cfg.rl_max_new_tokens)
+    t0 = time.time()
+    _, responses, correct = sample_and_grade(sampler, tok, train, prompts, qids, K, cfg.rae_temperature,
+                                             cfg.rl_max_new_tokens, cfg.seed)
+    log(f"orm: {len(responses)} samples of {len(qids)} questions in {time.time() - t0:.0f}s, "
+        f"{sum(correct) / len(correct):.3f} correct")
+    per_q = [[(responses[i * K + j], correct[i * K + j]) for j in range(K)] for i in range(len(qids))]
+    pairs = []
+    for p, samples in zip(prompts, per_q):
+        good = [r for r, ok in samples if ok]
+        bad = [r for r, ok in samples if not ok]
+        pairs += [(p, g, b) for g, b in zip(good, bad)]
+    out = stage_dir(cfg, "orm")
+    orm = ValueModel.from_policy(policy)
+    if pairs:
+        m = orm_train(orm, pairs, sft_config(cfg, "orm"), margin=cfg.orm_margin, log=log,
+                      on_metrics=lambda d: log_metrics(state, d))
+        log(f"orm: {len(pairs)} pairs, loss {m['loss']:.4f}", stage="orm", pairs=len(pairs), loss=m["loss"])
+    else:
+        log("orm: no question has both a correct and an incorrect sample; the ORM stays untrained")
+    orm.save_pretrained(out)
+    tok.save_pretrained(out)
+    states, counts = rae.build_buffer(zip(qids, prompts, per_q), tok.coat_ids, tok.reflect_id,
+                                      max_back=cfg.rae_max_back, seed=cfg.seed, stop_ids=tok.stop_ids)
+    with open(os.path.join(out, "rae.jsonl"), "w") as f:
+        for s in states:
+            f.write(json.dumps({"question_id": s.question_id, "prompt_ids": s.prompt_ids, "status": s.status}) + "\n")
+    log(f"rae: {len(states)} restart states from {counts['kept']} questions "
+        f"({counts['all_correct']} all correct, {counts['all_wrong']} all wrong dropped)", stage="rae", **counts)
+
+
+def load_rae(cfg):
+    path = os.path.join(stage_dir(cfg, "orm"), "rae.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"rl: {path} does not exist; run --stages=orm first (or --rae=false)")
+    with open(path) as f:
+        return [rae.RestartState(**json.loads(line)) for line in f if line.strip()]
+
+
+def rl_train(cfg, state, src, dst, pool, temperature, group, steps):
+    """PPO from out/<src> on prompts drawn from `pool` (RestartStates), `group` samples each
+    -> out/<dst>. The critic starts from the ORM (or the policy's trunk with --orm=false)."""
+    log, train = state["log"], state["train"]
+    dev = get_device(cfg)
+    policy, tok = load_stage(cfg, src)
+    use_orm = cfg.orm and has_model(stage_dir(cfg, "orm"))
+    critic = ValueModel.from_pretrained(stage_dir(cfg, "orm"), device=dev) if use_orm else ValueModel.from_policy(policy)
+    scorer = ValueModel.from_pretrained(stage_dir(cfg, "orm"), device=dev).eval() if use_orm and cfg.orm_reward else None
+    pcfg = ppo.PPOConfig(gamma=cfg.gamma, lam=cfg.lam, clip=cfg.clip_eps, value_clip=cfg.value_clip,
+                         kl_coef=cfg.kl_coef, ppo_epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size,
+                         no_eos_penalty=cfg.no_eos_penalty, grad_clip=cfg.clip)
+    rcfg = reward.RewardConfig(use_orm=scorer is not None, reflect_bonus=cfg.reflect_bonus)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, betas=cfg.betas, weight_decay=0.0)
+    copt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=cfg.betas, weight_decay=0.0)
+    sched = SFTConfig(lr=1.0, warmup_frac=cfg.warmup_frac, min_lr_ratio=cfg.min_lr_ratio)
+    own_prompt = {q: len(tok.encode_prompt(train[q]["question"])) for q in {s.question_id for s in pool}}
+    n_prompts = max(1, cfg.rl_batch // group)
+    longest = max(len(s.prompt_ids) for s in pool) + cfg.rl_max_new_tokens
+    sampler = Sampler(policy, max_batch=n_prompts * group, max_seq_len=longest)
+    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    t_start = time.time()
+    for step in range(steps):
+        for o, base in ((opt, cfg.actor_lr), (copt, cfg.critic_lr)):
+            for g in o.param_groups:
+                g["lr"] = base * lr_at(step, steps, sched)
+        batch = [pool[rng.randrange(len(pool))] for _ in range(n_prompts)]
+        t0 = time.time()
+        policy.eval()
+        outs, responses, correct = sample_and_grade(
+            sampler, tok, train, [s.prompt_ids for s in batch], [s.question_id for s in batch], group,
+            temperature, cfg.rl_max_new_tokens, seed=cfg.seed * 100003 + step,
+            skip=[own_prompt[s.question_id] for s in batch])
+        t_gen = time.time() - t0
+        prompts = [s.prompt_ids for s in batch for _ in range(group)]
+        status = [s.status for s in batch for _ in range(group)]
+        r = ppo.make_rollouts(prompts, responses, tok.pad_id, dev)
+        r.old_logp = torch.zeros_like(r.mask)
+        r.old_logp[r.mask.bool()] = torch.tensor([lp for o in outs for lp in o.logprobs], device=dev)
+        with torch.no_grad():
+            r.values = ppo.response_values(critic, r)
+            orm = [None] * len(outs)
+            if scorer is not None:
+                last = r.prompt_lens + r.resp_lens - 1
+                orm = scorer(r.ids)[torch.arange(len(outs), device=dev), last].tolist()
+        seq_r = torch.tensor([reward.satori_reward(c, s_orm, st, rcfg) for c, s_orm, st in zip(correct, orm, status)],
+                             device=dev)
+        finished = torch.tensor([o.finished for o in outs], device=dev)
+        rewards = ppo.token_rewards(seq_r, r.mask, finished=finished, no_eos_penalty=pcfg.no_eos_penalty,
+                                    reward_clip=pcfg.reward_clip)
+        adv, r.returns = ppo.gae(rewards, r.values, r.mask, pcfg.gamma, pcfg.lam)
+        r.advantages = ppo.masked_whiten(adv, r.mask)
+        t1 = time.time()
+        policy.train()
+        info = ppo.ppo_update(policy, opt, r, pcfg, critic, copt, temperature, cfg.micro_batch, gen)
+        t_train = time.time() - t1
+        n_tok = int(r.mask.sum())
+        m = {"stage": dst, "step": step + 1, "reward": float(seq_r.mean()), "acc": sum(correct) / len(correct),
+             "kl": info["approx_kl"], "entropy": info["entropy"], "clipfrac": info["clipfrac"],
+             "value_loss": info["value_loss"], "resp_len": n_tok / len(outs),
+             "reflect_rate": sum(tok.reflect_id in o.tokens for o in outs) / len(outs),
+             "tok_s": n_tok / (t_gen + t_train), "gen_s": t_gen, "train_s": t_train}
+        log(f"{dst} step {step + 1}/{steps} | reward {m['reward']:+.3f} acc {m['acc']:.3f} kl {m['kl']:.4f} "
+            f"ent {m['entropy']:.3f} clip {m['clipfrac']:.3f} vloss {m['value_loss']:.4f} len {m['resp_len']:.0f} "
+            f"reflect {m['reflect_rate']:.2f} | {m['tok_s']:.0f} tok/s gen {t_gen:.1f}s train {t_train:.1f}s", **m)
+    log(f"{dst}: {steps} PPO steps in {time.time() - t_start:.0f}s")
+    save_stage(cfg, dst, policy, tok)
+
+
+def stage_rl(cfg, state):
+    """RL round 1: PPO from the format-tuned model with Restart-and-Explore states (or the plain
+    questions with --rae=false) -> out/rl_round1."""
+    train = state["train"]
+    tok = Tokenizer.from_pretrained(stage_dir(cfg, "format_tuned"))
+    pool = load_rae(cfg) if cfg.rae else []
+    if not pool:   # RAE off, or no question had both right and wrong samples
+        if cfg.rae:
+            state["log"]("rl: the RAE buffer is empty; training on the plain questions")
+        pool = plain_pool(cfg, train, tok)
+    rl_train(cfg, state, "format_tuned", "rl_round1", pool, cfg.rl_temperature, 1, cfg.rl_steps)
+
+
+def plain_pool(cfg, train, tok):
+    """The first rae_questions training questions as status-0 states."""
+    return [rae.RestartState(q, tok.encode_prompt(train[q]["question"]), 0) for q in range(min(cfg.rae_questions, len(train)))]
+
+
+def stage_distill(cfg, state):
+    """Iterative self-improvement: the round-1 policy answers training questions; the hardest it
+    still solves (lowest pass rate > 0) are kept and their correct answers distilled by SFT into the
+    base model (+ COAT tokens) -> out/distilled."""
+    log, train = state["log"], state["train"]
+    policy, tok = load_stage(cfg, "rl_round1")
+    lo = cfg.rae_questions      # questions RL round 1 did not train on first
+    qids = list(range(lo, min(lo + cfg.distill_questions, len(train))))
+    prompts = [tok.encode_prompt(train[q]["question"]) for q in qids]
+    K = cfg.distill_samples
+    sampler = Sampler(policy, max_batch=cfg.rl_batch * K, max_seq_len=max(map(len, prompts)) + cfg.rl_max_new_tokens)
+    _, responses, correct = sample_and_grade(sampler, tok, train, prompts, qids, K, cfg.rl_temperature,
+                                             cfg.rl_max_new_tokens, cfg.seed + 1)
+    rate = [sum(correct[i * K:(i + 1) * K]) / K for i in range(len(qids))]
+    solved = sorted((r, i) for i, r in enumerate(rate) if r > 0)
+    keep = [i for _, i in solved[:max(1, int(len(solved) * cfg.distill_keep))]]
+    examples = [(prompts[i], responses[i * K + j]) for i in keep for j in range(K) if correct[i * K + j]]
+    if not examples:
+        raise SystemExit(f"distill: the round-1 policy solved none of {len(qids)} questions; nothing to distil")
+    log(f"distill: {len(keep)} hardest solved questions of {len(qids)} (pass rate <= {solved[len(keep) - 1][0]:.2f}), "
+        f"{len(examples)} correct responses")
+    del policy
+    base, btok = load_stage(cfg, "base")
+    if btok.add_coat_tokens():
+        base.resize_vocab(btok.vocab_size)
+    m = sft_train(base, examples, sft_config(cfg, "distill"), log=log, on_metrics=lambda d: log_metrics(state, d))
+    save_stage(cfg, "distilled", base, btok)
+    log(f"distill: loss {m['first_loss']:.4f} -> {m['loss']:.4f}", stage="distill", loss=m["loss"])
+
+
+def stage_rl2(cfg, state):
+    """RL round 2: PPO from the distilled model on plain questions (no RAE), at a higher temperature
+    with several samples per prompt -> out/rl_round2."""
+    train = state["train"]
+    tok = Tokenizer.from_pretrained(stage_dir(cfg, "distilled"))
+    pool = plain_pool(cfg, train, tok)
+    rl_train(cfg, state, "distilled", "rl_round2", pool, cfg.rl2_temperature, cfg.rl2_samples, cfg.rl2_steps)
+
+
+EVAL_STAGES = ("base", "format_tuned", "rl_round1", "distilled", "rl_round2")
+TABLE = ("pass_at_1", "wrong_to_right", "right_to_wrong", "reflect_rate", "explore_rate", "grammar_ok",
+         "boxed_rate", "mean_steps", "mean_length")
+
+
+def stage_eval(cfg, state):
+    """Greedy pass@1 + COAT statistics of every stage model present -> out/results.json, results.md."""
+    log, test = state["log"], state["test"]
+    rows = []
+    for name in EVAL_STAGES:
+        if not has_model(stage_dir(cfg, name)):
+            continue
+        t0 = time.time()
+        model, tok = load_stage(cfg, name)
+        m = evaluate(model, tok, test, max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.gen_batch)
+        rows.append({"name": name, **m})
+        log(f"eval {name}: pass@1 {m['pass_at_1']:.3f} on {m['n']} problems ({time.time() - t0:.0f}s)",
+            stage="eval", model=name, **m)
+        del model
+    if not rows:
+        raise SystemExit(f"eval: no stage model in {cfg.out} (looked for {', '.join(EVAL_STAGES)})")
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump({"stages": rows}, f, indent=2)
+    head = "| stage | " + " | ".join(TABLE) + " |"
+    lines = [head, "|" + "---|" * (len(TABLE) + 1)]
+    lines += ["| " + r["name"] + " | " + " | ".join(f"{r[k]:.3f}" if k.endswith(("rate", "ok", "1", "right", "wrong"))
+                                                  else f"{r[k]:.1f}" for k in TABLE) + " |" for r in rows]
+    with open(os.path.join(cfg.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    log("\n".join(lines))
+
+
+STAGES = {
+    "pretrain": stage_pretrain,
+    "synthesize": stage_synthesize,
+    "sft": stage_sft,
+    "orm": stage_orm,
+    "rl": stage_rl,
+    "distill": stage_distill,
+    "rl2": stage_rl2,
+    "eval": stage_eval,
+}
+
+
+def log_metrics(state, m):
+    with open(os.path.join(state["out"], "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.time(), **m}) + "\n")
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    names = [s for s in cfg.stages.split(",") if s] or list(STAGES)
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise SystemExit(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    log = make_logger(cfg.out)
+    with open(os.path.join(cfg.out, "run_config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=2)
+    train, test = load_problems(cfg)
+    state = {"log": log, "out": cfg.out, "train": train, "test": test}
+    log(f"nanosatori: stages {','.join(names)}, {len(train)} train / {len(test)} test problems, "
+        f"device {get_device(cfg)}, out {cfg.out}")
+    for name in names:
+        t0 = time.time()
+        STAGES[name](cfg, state)
+        log(f"stage {name} done in {time.time() - t0:.0f}s", stage=name, wall_s=time.time() - t0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
