@@ -360,6 +360,25 @@ def demos_path(cfg):
     return os.path.join(cfg.out, "synthesize", "demos.jsonl")
 
 
+def demo_example(tok, demo):
+    """(prompt ids, response ids ending in eos, loss mask) of a COAT demonstration. For a built-in
+    task problem the steps that the demonstration later corrects (any step line that is not a line
+    of the reference solution) are context, not targets: the model learns to reflect and correct,
+    not to make the base model's mistakes. Reflections and the rest are targets."""
+    parsed = data.parse_question(demo["question"])
+    good = set(data.problem_from(*parsed)["solution"].split("\n")) if parsed else None
+    ids, keep = [], []
+    for meta, text in reward.split_steps(demo["response"]):
+        piece = tok.encode((meta or "") + text)
+        ok = good is None or meta == "<|reflect|>" or all(
+            line.strip() in good for line in text.replace("<|im_end|>", "").split("\n") if line.strip())
+        ids += piece
+        keep += [ok] * len(piece)
+    if ids[-1:] != [tok.eos_id]:
+        ids, keep = ids + [tok.eos_id], keep + [True]
+    return tok.encode_prompt(demo["question"]), ids, keep
+
+
 def stage_sft(cfg, state):
     """Format tuning: base + COAT tokens, SFT on demos.jsonl ({"question", "response", ...} per line,
     response = COAT text ending in \\boxed{} and the eos token) -> out/format_tuned."""
@@ -374,9 +393,7 @@ def stage_sft(cfg, state):
     if not demos:
         raise SystemExit(f"sft: {path} holds no demonstrations (was the base model too weak to synthesize any?)")
     # responses already end in the eos token text (data.synthesize_coat); add it where one does not
-    responses = [tok.encode(d["response"]) for d in demos]
-    examples = [(tok.encode_prompt(d["question"]), r if r[-1:] == [tok.eos_id] else r + [tok.eos_id])
-                for d, r in zip(demos, responses)]
+    examples = [demo_example(tok, d) for d in demos]
     log(f"sft: {len(examples)} COAT demonstrations from {path}")
     m = sft_train(model, examples, sft_config(cfg, "sft"), log=log, on_metrics=lambda d: log_metrics(state, d))
     out = save_stage(cfg, "format_tuned", model, tok)

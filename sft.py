@@ -1,0 +1,276 @@
+"""Supervised training on token sequences with a loss mask, and outcome-reward-model training.
+
+    from sft import SFTConfig, sft_train, orm_train
+    sft_train(model, [(prompt_ids, response_ids), ...], SFTConfig(lr=1e-3, epochs=2))
+    orm_train(value_model, [(prompt_ids, chosen_ids, rejected_ids), ...], SFTConfig(lr=5e-5))
+
+train.py calls these for pretraining of the built-in base model, format tuning, distillation and
+the ORM:  python train.py --stages=pretrain,sft
+
+Batches are packed, padding-free: whole documents (prompt + response) are laid end to end in rows
+of `row_len` tokens; a block-diagonal causal mask keeps them from seeing each other and positions
+restart at 0 for each, so a packed row computes exactly what the documents would alone. The loss is
+on response tokens only (the prompt is context), normalised over the whole optimizer step (all
+micro-batches of one accumulation), so splitting a step into micro-batches never changes it.
+"""
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+IGNORE = -100   # target of a position that has no loss: prompt, last token of a document, padding
+
+
+@dataclass
+class SFTConfig:
+    lr: float = 2e-5              # peak learning rate (Satori format tuning: 2e-5)
+    min_lr_ratio: float = 0.1     # the cosine decays to lr * min_lr_ratio at the last step
+    warmup_frac: float = 0.03     # linear warm-up over this share of the steps
+    epochs: float = 1.0           # passes over the data (fractions allowed); unused when max_steps > 0
+    max_steps: int = 0            # optimizer steps; > 0 overrides epochs (the data is cycled)
+    batch_tokens: int = 4096      # token budget of one micro-batch (rows x row_len, padding included)
+    row_len: int = 0              # length of a packed row; 0 = the longest example
+    grad_accum: int = 1           # micro-batches per optimizer step
+    clip: float = 1.0             # max global grad norm
+    weight_decay: float = 0.0     # AdamW decay of matrices (never of norms, biases)
+    betas: tuple = (0.9, 0.95)
+    seed: int = 0
+    log_every: int = 10           # optimizer steps between progress lines
+
+
+# -----------------------------------------------------------------------------
+# learning-rate schedule
+
+def lr_at(step, total, cfg):
+    """lr of optimizer step `step` (0-based) out of `total`: linear warm-up to cfg.lr over the first
+    int(warmup_frac * total) steps, then a cosine down to lr * min_lr_ratio at step total - 1."""
+    warm = int(cfg.warmup_frac * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - 1 - warm))
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# packing: units (one example = one or more documents kept together) -> rows -> micro-batches
+
+def pack(lengths, row_len, batch_tokens, rng):
+    """Shuffle units and pack them into rows of at most row_len tokens (first fit among the last 16
+    open rows: near-full rows in linear time), then group rows into micro-batches of
+    batch_tokens // row_len rows. lengths: tokens of each unit. -> [[[unit index, ...] row] batch]."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    rows, space = [], []
+    for i in order:
+        n = lengths[i]
+        for r in range(max(0, len(rows) - 16), len(rows)):
+            if space[r] >= n:
+                rows[r].append(i)
+                space[r] -= n
+                break
+        else:
+            rows.append([i])
+            space.append(row_len - n)
+    per = max(1, batch_tokens // row_len)
+    return [rows[i:i + per] for i in range(0, len(rows), per)]
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor       # [B, T] packed tokens (rows right-padded to the longest row)
+    pos: torch.Tensor       # [B, T] position of each token inside its own document
+    mask: torch.Tensor      # [B, 1, T, T] bool, True = attend: causal within a document only
+    targets: torch.Tensor   # [B, T] next token of the same document, IGNORE where there is no loss
+    ends: torch.Tensor      # [D] flat index b * T + t of every document's last token, in unit order
+    units: list             # unit indices in the order their documents appear in `ends`
+    n_tokens: int           # real (non-pad) tokens
+    n_loss: int             # positions with a target
+
+
+def collate(rows, units, pad_id=0, device="cpu"):
+    """Build a packed Batch. rows: [[unit index, ...], ...]; units[i]: list of documents
+    (ids, n_prompt, keep); a document's loss targets are its own tokens after the first n_prompt,
+    except those where the optional per-response-token mask `keep` is False."""
+    T = max(sum(len(d) for i in row for d, *_ in units[i]) for row in rows)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)          # document id per position; pads share -1
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    ends, order, doc = [], [], 0
+    for b, row in enumerate(rows):
+        t = 0
+        for i in row:
+            order.append(i)
+            for d, n_prompt, keep in units[i]:
+                n = len(d)
+                x = torch.tensor(d, dtype=torch.long)
+                ids[b, t:t + n], pos[b, t:t + n], seg[b, t:t + n] = x, torch.arange(n), doc
+                # position j predicts d[j + 1]; only response tokens (index >= n_prompt) are targets
+                k = max(n_prompt, 1)
+                y = x[k:]
+                if keep is not None:
+                    y = y.masked_fill(~torch.tensor(keep[k - n_prompt:], dtype=torch.bool), IGNORE)
+                targets[b, t + k - 1:t + n - 1] = y
+                ends.append(b * T + t + n - 1)
+                t, doc = t + n, doc + 1
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = (seg[:, :, None] == seg[:, None, :]) & causal     # pads attend to earlier pads: no empty rows
+    n_tokens = int((seg >= 0).sum())
+    n_loss = int((targets != IGNORE).sum())
+    to = lambda x: x.to(device, non_blocking=True)
+    return Batch(to(ids), to(pos), to(mask[:, None]), to(targets), to(torch.tensor(ends)), order,
+                 n_tokens, n_loss)
+
+
+# -----------------------------------------------------------------------------
+# losses: each returns (sum over its units of the loss, metrics) for one packed batch
+
+def sft_loss(model, batch):
+    """-sum log p(target) over the batch's response tokens; the head is fused with the log-softmax
+    (kernels.token_logprobs), so [B, T, V] logits never exist."""
+    h = model.hidden(batch.ids, batch.pos, batch.mask)               # [B, T, H]
+    sel = batch.targets != IGNORE                                    # [B, T]
+    lp = kernels.token_logprobs(h[sel], model.lm_head.weight, batch.targets[sel])   # [N] fp32
+    return -lp.sum(), {}
+
+
+def bt_loss(r_chosen, r_rejected, margin=2.0):
+    """Bradley-Terry loss with a margin, mean over pairs: -log sigmoid(r+ - r- - margin)."""
+    return -F.logsigmoid(r_chosen.float() - r_rejected.float() - margin).mean()
+
+
+def orm_loss(value_model, batch, margin):
+    """Reward of a document = the value model's output at its last token; units are
+    (chosen, rejected) pairs, so batch.ends reads [r+, r-, r+, r-, ...]."""
+    v = value_model(batch.ids, batch.pos, batch.mask).float()        # [B, T]
+    r = v.flatten()[batch.ends].view(-1, 2)                          # [pairs, 2]
+    return bt_loss(r[:, 0], r[:, 1], margin) * r.shape[0], {"acc": (r[:, 0] > r[:, 1]).float().sum().item()}
+
+
+# -----------------------------------------------------------------------------
+# the training loop shared by SFT and the ORM
+
+def sft_train(model, examples, cfg, log=print, on_metrics=None, name="sft"):
+    """Train a Transformer on (prompt_ids, response_ids) pairs, loss on the response only (append the
+    eos id to the response to teach stopping). An example may carry a third item, a per-response-token
+    mask (False = context, no loss: e.g. the wrong steps of a COAT demonstration that it corrects).
+    `name` prefixes the progress lines and metrics. Returns the run's metrics (see train_loop)."""
+    units = [[(list(ex[0]) + list(ex[1]), len(ex[0]), ex[2] if len(ex) > 2 else None)] for ex in examples]
+    if any(len(ex[1]) == 0 for ex in examples):
+        raise ValueError("sft_train: every example needs at least one response token")
+    return train_loop(model, units, cfg, sft_loss, per="tokens", log=log, on_metrics=on_metrics, name=name)
+
+
+def orm_train(value_model, pairs, cfg, margin=2.0, log=print, on_metrics=None):
+    """Train a ValueModel as an outcome reward model on (prompt, chosen, rejected) triples of token
+    ids, with the Bradley-Terry margin loss. Both responses of a pair sit in the same row."""
+    units = [[(list(p) + list(c), len(p), None), (list(p) + list(r), len(p), None)] for p, c, r in pairs]
+    fn = lambda m, b: orm_loss(m, b, margin)
+    return train_loop(value_model, units, cfg, fn, per="units", log=log, on_metrics=on_metrics, name="orm")
+
+
+def _plan(lengths, row_len, cfg, rng):
+    """Every micro-batch of the run, packed up front (re-shuffled each epoch) so the schedule knows
+    the total number of steps."""
+    if cfg.max_steps > 0:
+        need = cfg.max_steps * cfg.grad_accum
+    else:
+        need = None
+    plan, epoch = [], 0
+    while True:
+        batches = pack(lengths, row_len, cfg.batch_tokens, rng)
+        if need is None:
+            left = math.ceil(len(batches) * min(1.0, cfg.epochs - epoch))
+            plan += batches[:left]
+            epoch += 1
+            if epoch >= cfg.epochs:
+                return plan
+        else:
+            plan += batches[:need - len(plan)]
+            if len(plan) >= need:
+                return plan
+
+
+def _fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=None, name="sft"):
+    """AdamW + warm-up/cosine + grad clipping + accumulation over packed micro-batches.
+    units: list of lists of documents (ids, n_prompt); loss_fn(model, batch) -> (loss sum, metrics);
+    per: "tokens" (normalise by the step's loss tokens) or "units" (by its units, e.g. ORM pairs).
+    Returns {"steps", "loss" (mean of the last log window), "first_loss", "losses" (per step),
+    "tokens", "time_s", "tokens_per_s"} (+ "acc" for the ORM)."""
+    if not units:
+        raise ValueError(f"{name}: no training examples")
+    device = next(model.parameters()).device
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    lengths = [sum(len(d) for d, *_ in u) for u in units]
+    row_len = cfg.row_len or max(lengths)
+    if max(lengths) > row_len:
+        raise ValueError(f"{name}: an example has {max(lengths)} tokens, more than row_len={row_len}")
+    plan = _plan(lengths, row_len, cfg, rng)
+    steps = math.ceil(len(plan) / cfg.grad_accum)
+
+    # decay matrices only (nanoGPT); a tied embedding appears once in parameters()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    pad_id = 0
+
+    model.train()
+    losses, window, extra_sum, extra_n = [], [], {}, 0
+    t0 = t_log = time.time()
+    tokens = tokens_log = 0
+    for step in range(steps):
+        lr = lr_at(step, steps, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        micro = [collate(rows, units, pad_id, device) for rows in plan[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
+        denom = sum(b.n_loss if per == "tokens" else len(b.units) for b in micro)
+        step_loss = 0.0
+        for b in micro:
+            with autocast:
+                loss_sum, extra = loss_fn(model, b)
+            (loss_sum / denom).backward()
+            step_loss += loss_sum.item() / denom
+            tokens += b.n_tokens
+            for k, v in extra.items():
+                extra_sum[k] = extra_sum.get(k, 0.0) + v
+            extra_n += len(b.units)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        window.append(step_loss)
+        if (step + 1) % cfg.log_every == 0 or step == steps - 1:
+            now = time.time()
+            tps = (tokens - tokens_log) / max(now - t_log, 1e-9)
+            eta = (now - t0) / (step + 1) * (steps - step - 1)
+            m = {"stage": name, "step": step + 1, "steps": steps, "loss": sum(window) / len(window),
+                 "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "eta_s": eta}
+            m.update({k: v / max(extra_n, 1) for k, v in extra_sum.items()})
+            extras = "".join(f" {k} {m[k]:.3f}" for k in extra_sum)
+            log(f"{name} step {step + 1}/{steps} loss {m['loss']:.4f}{extras} lr {lr:.2e} "
+                f"gnorm {gnorm:.2f} tok/s {tps:.0f} eta {_fmt_time(eta)}")
+            if on_metrics:
+                on_metrics(m)
+            last, window, t_log, tokens_log = m, [], now, tokens
+            extra_sum, extra_n = {}, 0
+    model.eval()
+    dt = time.time() - t0
+    out = {"steps": steps, "loss": last["loss"], "first_loss": losses[0], "losses": losses,
+           "tokens": tokens, "time_s": dt, "tokens_per_s": tokens / max(dt, 1e-9)}
+    out.update({k: last[k] for k in last if k not in ("stage", "step", "steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s")})
+    return out

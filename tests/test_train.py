@@ -1,0 +1,149 @@
+"""train.py: CLI overrides, self-correction counting on hand-made responses, evaluate, a tiny chain."""
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import train
+from train import Config, parse_args, reflect_start_state, score_responses
+
+R, C, E = "<|reflect|>", "<|continue|>", "<|explore|>"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is as fast, and immune to OpenMP stalls on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_parse_args_types_and_errors():
+    cfg = parse_args(["--seed=3", "--sft_lr=1e-4", "--out=runs/x", "--task_ops=+-", "--betas=0.9,0.99",
+                      "--stages=pretrain,eval"])
+    assert cfg.seed == 3 and isinstance(cfg.seed, int)
+    assert cfg.sft_lr == 1e-4 and cfg.out == "runs/x" and cfg.task_ops == "+-"
+    assert cfg.betas == (0.9, 0.99) and cfg.stages == "pretrain,eval"
+    assert Config().seed == 0                                   # defaults untouched
+    with pytest.raises(SystemExit, match="unknown option --nope"):
+        parse_args(["--nope=1"])
+    with pytest.raises(SystemExit, match="--seed=abc: expected a int"):
+        parse_args(["--seed=abc"])
+    with pytest.raises(SystemExit, match="--key=value"):
+        parse_args(["seed=1"])
+
+
+def test_stage_registry_and_unknown_stage(tmp_path):
+    names = list(train.STAGES)
+    assert names[:3] == ["pretrain", "synthesize", "sft"] and names[-1] == "eval"
+    with pytest.raises(SystemExit, match="unknown stage 'bogus'"):
+        train.main([f"--out={tmp_path}", "--stages=bogus"])
+
+
+def test_sft_stage_needs_demos(tmp_path):
+    with pytest.raises(SystemExit, match="demos.jsonl does not exist"):
+        train.main([f"--out={tmp_path}", "--stages=sft", "--n_train=10", "--n_test=5"])
+
+
+# a built-in problem: 47 + 38 = 85, 85 * 3 = 255, 255 - 59 = 196
+P = data.problem_from(47, [("+", 38), ("*", 3), ("-", 59)])
+S1, S2, S3 = "Step 1: 47 + 38 = 85.", "Step 2: 85 * 3 = 255.", "Step 3: 255 - 59 = 196."
+BAD2 = "Step 2: 85 * 3 = 245."
+
+
+def test_reflect_start_state():
+    assert reflect_start_state(f"{S1}\n{S2}\n{S3}\nThe answer is \\boxed{{196}}.", P) is None   # no reflect
+    # 1. a boxed answer before the reflection: that answer is graded
+    assert reflect_start_state(f"{S1}\n{S2}\n{S3}\nThe answer is \\boxed{{196}}.{R}Check.", P) is True
+    assert reflect_start_state(f"\\boxed{{5}}{R}Hm.", P) is False
+    # 2. built-in task, no answer yet: right so far iff every written step is right
+    assert reflect_start_state(f"{S1}\n{C}{S2}\n{R}Verify step 2.", P) is True
+    assert reflect_start_state(f"{S1}\n{C}{BAD2}\n{R}In step 2 ...", P) is False
+    assert reflect_start_state(f"{R}nothing yet", P) is None
+    # 3. a user's problem without an answer before the reflection: unknown
+    assert reflect_start_state(f"x = 3 {R} hmm \\boxed{{3}}", {"question": "Solve x", "answer": "3"}) is None
+
+
+def test_score_responses_self_correction_counts():
+    texts = [
+        # wrong step, reflect, fixed: wrong -> right
+        f"{S1}\n{C}{BAD2}\n{R}In step 2, 85 * 3 is 255.{E}{S2}\n{C}{S3}\nThe answer is \\boxed{{196}}.",
+        # wrong boxed answer, reflect, corrected: wrong -> right
+        f"{S1}\n{S2}\nThe answer is \\boxed{{200}}.{R}Step 3 is missing.{E}{S3}\nThe answer is \\boxed{{196}}.",
+        # right so far, reflect, then broken: right -> wrong
+        f"{S1}\n{C}{S2}\n{R}Verify: fine.{C}Step 3: 255 - 59 = 197.\nThe answer is \\boxed{{197}}.",
+        # right so far, verified, right: no change
+        f"{S1}\n{C}{S2}\n{R}Verify: fine.{C}{S3}\nThe answer is \\boxed{{196}}.",
+        # wrong boxed answer changed to another wrong one: a change, neither direction
+        f"\\boxed{{1}}{R}No.{E}The answer is \\boxed{{2}}.",
+        # no reflection at all, correct
+        f"{S1}\n{S2}\n{S3}\nThe answer is \\boxed{{196}}.",
+        # no answer at all
+        "Step 1: I do not know.",
+    ]
+    m = score_responses(texts, [P] * len(texts), lengths=[10, 20, 30, 40, 50, 60, 70])
+    assert m["n"] == 7 and m["n_changed"] == 4
+    assert m["wrong_to_right"] == pytest.approx(2 / 4) and m["right_to_wrong"] == pytest.approx(1 / 4)
+    assert m["pass_at_1"] == pytest.approx(4 / 7)
+    assert m["reflect_rate"] == pytest.approx(5 / 7) and m["explore_rate"] == pytest.approx(3 / 7)
+    assert m["boxed_rate"] == pytest.approx(6 / 7) and m["mean_length"] == pytest.approx(40)
+    assert m["mean_steps"] == pytest.approx((5 + 3 + 4 + 4 + 3 + 1 + 1) / 7)
+    assert m["grammar_ok"] == pytest.approx(6 / 7)      # all but the one without an answer
+    assert score_responses([texts[-2]], [P])["n_changed"] == 0
+    assert score_responses([texts[3]], [P])["wrong_to_right"] == 0.0
+
+
+class Canned:
+    """A fake Sampler: returns fixed token sequences, one per prompt, in order."""
+    def __init__(self, outs):
+        self.outs = outs
+
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=None, seed=None):
+        assert temperature == 0.0 and len(prompts) == len(self.outs)
+        from rollout import Completion
+        return [Completion(tokens=t, logprobs=[0.0] * len(t), finish_reason="stop") for t in self.outs]
+
+
+def test_evaluate_with_fake_sampler():
+    from tokenizer import Tokenizer, build_task_tokenizer
+    tok = build_task_tokenizer([Tokenizer.prompt(P["question"]) + P["solution"]] * 5, vocab_size=300)
+    right = tok.encode(P["solution"]) + [tok.eos_id]
+    wrong = tok.encode("Step 1: 1 + 1 = 2.\nThe answer is \\boxed{2}.") + [tok.eos_id]
+    m, texts = train.evaluate(None, tok, [P, P], sampler=Canned([right, wrong]), return_texts=True)
+    assert m["pass_at_1"] == 0.5 and m["boxed_rate"] == 1.0
+    assert m["mean_length"] == (len(right) + len(wrong)) / 2
+    assert texts[0] == P["solution"]                   # stop token stripped from the text
+
+
+TINY = ["--n_train=64", "--n_test=4", "--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=1",
+        "--vocab_size=300", "--pretrain_steps=2", "--pretrain_batch_tokens=1024", "--eval_max_new_tokens=8",
+        "--log_every=1", "--synth_questions=3", "--synth_samples=2", "--synth_max_new_tokens=8", "--sft_epochs=1"]
+
+
+def test_tiny_chain(tmp_path):
+    """Every stage end to end on a toy scale: complete HF dirs, demos, results.json in the schema."""
+    out = str(tmp_path)
+    train.main([f"--out={out}", "--stages=pretrain,synthesize,eval"] + TINY)
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert os.path.isfile(os.path.join(out, "base", f))
+    assert os.path.isfile(os.path.join(out, "synthesize", "demos.jsonl"))   # an untrained model: maybe empty
+    # format tuning on hand-made demonstrations, then eval of both models
+    demo = f"{S1}\n{C}{BAD2}\n{R}Let me check step 2.\n{E}{S2}\n{C}{S3}\n{C}The answer is \\boxed{{196}}.<|im_end|>"
+    with open(os.path.join(out, "synthesize", "demos.jsonl"), "w") as f:
+        f.write(json.dumps({"question": P["question"], "answer": P["answer"], "response": demo}) + "\n")
+    train.main([f"--out={out}", "--stages=sft,eval"] + TINY)
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(os.path.join(out, "format_tuned"))
+    assert tok.reflect_id >= 300 and json.load(open(os.path.join(out, "format_tuned", "config.json")))["vocab_size"] == tok.vocab_size
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert [r["name"] for r in res["stages"]] == ["base", "format_tuned"]
+    for k in ("pass_at_1", "wrong_to_right", "right_to_wrong", "reflect_rate", "mean_length", "n"):
+        assert k in res["stages"][0]
+    assert res["stages"][0]["n"] == 4
+    assert os.path.isfile(os.path.join(out, "results.md"))
+    lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert any(l.get("stage") == "pretrain" and l.get("step") == 2 for l in lines)
+    assert any(l.get("stage") == "eval" and l.get("model") == "format_tuned" for l in lines)
