@@ -8,7 +8,6 @@ Parameter names match transformers' Qwen2ForCausalLM exactly ("model.layers.0.se
     model.save_pretrained("out/")                                  # loadable by transformers
 """
 import json
-import math
 import os
 from dataclasses import dataclass, fields
 
@@ -206,10 +205,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
-        cfg = load_config(path)
-        model = cls(cfg).to(dtype or DTYPES[cfg.torch_dtype])
-        load_weights(model, path)
-        return model.to(device) if device is not None else model
+        return load_pretrained(cls, path, device, dtype)
 
     def save_pretrained(self, path):
         save_model(self, path, {"architectures": ["Qwen2ForCausalLM"]})
@@ -253,10 +249,7 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
-        cfg = load_config(path)
-        vm = cls(cfg).to(dtype or DTYPES[cfg.torch_dtype])
-        load_weights(vm, path)
-        return vm.to(device) if device is not None else vm
+        return load_pretrained(cls, path, device, dtype)
 
     def save_pretrained(self, path):
         # Same tensor names as transformers' Qwen2ForTokenClassification with one label.
@@ -288,6 +281,14 @@ def load_config(path) -> ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{f}:{e.lineno}: invalid JSON: {e.msg}") from None
     return ModelConfig.from_hf(d, f)
+
+
+def load_pretrained(cls, path, device=None, dtype=None):
+    """cls(config) with the checkpoint's weights, in `dtype` (default: the config's torch_dtype)."""
+    cfg = load_config(path)
+    model = cls(cfg).to(dtype or DTYPES[cfg.torch_dtype])
+    load_weights(model, path)
+    return model.to(device) if device is not None else model
 
 
 def _weight_files(path):

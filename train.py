@@ -48,33 +48,33 @@ class Config:
     task_min_steps: int = 2       # > 0: the number of operations is uniform in [min_steps, n_steps]
     task_ops: str = "+-*"
     task_start_max: int = 99
-    task_max_operand: int = 99
-    task_mul_max: int = 9
-    task_max_value: int = 999
+    task_max_operand: int = 20
+    task_mul_max: int = 5
+    task_max_value: int = 99
     n_train: int = 20000
     n_test: int = 200
     # the built-in base model (a small Qwen2)
     vocab_size: int = 384         # BPE vocabulary of the task tokenizer (chat tokens included)
-    hidden_size: int = 192
+    hidden_size: int = 128
     intermediate_size: int = 512
-    num_hidden_layers: int = 4
+    num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 1024
     # pretraining of the base model: SFT on (prompt, CoT solution + eos)
     pretrain_lr: float = 3e-3
-    pretrain_steps: int = 400
-    pretrain_batch_tokens: int = 4096
+    pretrain_steps: int = 2000
+    pretrain_batch_tokens: int = 2048
     pretrain_weight_decay: float = 0.1
     # COAT demonstration synthesis (data.SynthConfig)
-    synth_questions: int = 2000   # training questions to synthesize from (up to 5 demos each)
-    synth_samples: int = 8        # CoT samples per question from the base model
+    synth_questions: int = 1000   # training questions to synthesize from (up to 5 demos each)
+    synth_samples: int = 4        # CoT samples per question from the base model
     synth_temperature: float = 1.0
     synth_max_new_tokens: int = 128
     # format tuning on COAT demonstrations
     sft_lr: float = 1e-3          # Satori: 2e-5 for a 7B model; a tiny model wants far more
-    sft_epochs: float = 2.0
-    sft_batch_tokens: int = 4096
+    sft_epochs: float = 3.0
+    sft_batch_tokens: int = 2048
     sft_weight_decay: float = 0.0
     # shared by every SFT-like stage
     warmup_frac: float = 0.03

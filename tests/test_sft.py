@@ -10,15 +10,6 @@ from model import ModelConfig, Transformer, ValueModel
 from sft import SFTConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is as fast, and immune to OpenMP stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(vocab=40, seed=0):
     torch.manual_seed(seed)
     return Transformer(ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -12,15 +12,6 @@ from train import Config, parse_args, reflect_start_state, score_responses
 R, C, E = "<|reflect|>", "<|continue|>", "<|explore|>"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is as fast, and immune to OpenMP stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_parse_args_types_and_errors():
     cfg = parse_args(["--seed=3", "--sft_lr=1e-4", "--out=runs/x", "--task_ops=+-", "--betas=0.9,0.99",
                       "--stages=pretrain,eval"])
