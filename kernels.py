@@ -15,6 +15,7 @@ have the same signatures and are what the tests compare the kernels against.
 import os
 
 import torch
+import torch.nn.functional as F
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 try:
@@ -229,19 +230,17 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num
 
 
 def decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
-    # Gather every sequence's padded context [B, T, n_kv, hd] and mask positions >= context_len.
+    # Gather every sequence's padded context [B, T, n_kv, hd]; SDPA masks positions >= context_len.
     B, n_heads, hd = q.shape
     _, block_size, n_kv, _ = k_cache.shape
     T = block_tables.shape[1] * block_size
     pos = torch.arange(T, device=q.device)
     slots = block_tables.long()[:, pos // block_size] * block_size + pos % block_size       # [B, T]
-    k = k_cache.reshape(-1, n_kv, hd)[slots].float()
-    v = v_cache.reshape(-1, n_kv, hd)[slots].float()
-    qg = q.float().view(B, n_kv, n_heads // n_kv, hd)            # query heads grouped by KV head
-    s = torch.einsum("bkgd,btkd->bkgt", qg, k) * scale           # [B, n_kv, group, T]
-    s = s.masked_fill(pos >= context_lens.view(B, 1, 1, 1), float("-inf"))
-    o = torch.einsum("bkgt,btkd->bkgd", s.softmax(-1), v)
-    return o.reshape(B, n_heads, hd).to(q.dtype)
+    k = k_cache.reshape(-1, n_kv, hd)[slots].transpose(1, 2).float()                       # [B, n_kv, T, hd]
+    v = v_cache.reshape(-1, n_kv, hd)[slots].transpose(1, 2).float()
+    mask = (pos < context_lens.view(B, 1))[:, None, None, :]                                # [B, 1, 1, T]
+    o = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[:, :, 0].to(q.dtype)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -206,8 +206,10 @@ class Sampler:
         query_lens = [len(n) for n in new]
         ids = torch.tensor([t for n in new for t in n], device=dev)
         pos = torch.tensor([p for st, n in zip(starts, new) for p in range(st, st + len(n))], device=dev)
-        width = max(len(s.blocks) for s in batch)
-        tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in batch], dtype=torch.int32, device=dev)
+        # block tables cut to the blocks in use: attention reads no reserved-but-empty blocks
+        used = [-(-(st + len(n)) // bs) for st, n in zip(starts, new)]
+        width = max(used)
+        tables = torch.tensor([s.blocks[:u] + [0] * (width - u) for s, u in zip(batch, used)], dtype=torch.int32, device=dev)
         slots = torch.tensor([s.blocks[p // bs] * bs + p % bs
                               for s, st, n in zip(batch, starts, new) for p in range(st, st + len(n))],
                              dtype=torch.long, device=dev)
