@@ -138,3 +138,32 @@ def test_tiny_chain(tmp_path):
     lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert any(l.get("stage") == "pretrain" and l.get("step") == 2 for l in lines)
     assert any(l.get("stage") == "eval" and l.get("model") == "format_tuned" for l in lines)
+
+
+def test_tiny_rl_stages(tmp_path):
+    """orm -> rl -> eval on a toy scale: the ORM, the RAE buffer file, a PPO round with its progress
+    metrics, and rl_round1 in results.json. (An untrained model may have no right answer, so the RAE
+    buffer may be empty: rl then falls back to the plain questions.)"""
+    out = str(tmp_path)
+    small = TINY + ["--rae_questions=4", "--rae_samples=2", "--rl_batch=4", "--minibatch_size=2",
+                    "--micro_batch=1", "--rl_max_new_tokens=8", "--rl_steps=2"]
+    train.main([f"--out={out}", "--stages=pretrain"] + small)
+    from model import Transformer
+    from tokenizer import Tokenizer
+    m, tok = Transformer.from_pretrained(os.path.join(out, "base")), Tokenizer.from_pretrained(os.path.join(out, "base"))
+    tok.add_coat_tokens()
+    m.resize_vocab(tok.vocab_size)
+    m.save_pretrained(os.path.join(out, "format_tuned"))
+    tok.save_pretrained(os.path.join(out, "format_tuned"))
+    train.main([f"--out={out}", "--stages=orm,rl,eval"] + small)
+    assert os.path.isfile(os.path.join(out, "orm", "model.safetensors"))
+    assert os.path.isfile(os.path.join(out, "orm", "rae.jsonl"))
+    assert os.path.isfile(os.path.join(out, "rl_round1", "model.safetensors"))
+    lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [l for l in lines if l.get("stage") == "rl_round1" and "step" in l]
+    assert [l["step"] for l in steps] == [1, 2]
+    for k in ("reward", "acc", "kl", "entropy", "clipfrac", "value_loss", "resp_len", "reflect_rate", "tok_s",
+              "gen_s", "train_s"):
+        assert k in steps[0]
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert [r["name"] for r in res["stages"]] == ["base", "format_tuned", "rl_round1"]
