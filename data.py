@@ -445,14 +445,20 @@ def default_verifier(problem, j, step):
 
 def sampler_generator(sampler, stop_ids):
     """A generator function over a rollout.Sampler: (prompts, temperature, max_new_tokens, seed) ->
-    generated ids per prompt, stop id removed. Budgets are clipped to the sampler's max_seq_len."""
+    generated ids per prompt, stop id removed. Budgets are clipped to the sampler's max_seq_len; a
+    prompt that already fills it gets no tokens (the critic then rejects that continuation)."""
     stop = set(stop_ids)
 
     def generate(prompts, temperature, max_new_tokens, seed):
         sampler.model.eval()
-        budgets = [max(1, min(max_new_tokens, sampler.max_seq_len - len(p))) for p in prompts]
-        outs = sampler.generate(prompts, budgets, temperature=temperature, stop_ids=stop_ids, seed=seed)
-        return [o.tokens[:-1] if o.tokens and o.tokens[-1] in stop else o.tokens for o in outs]
+        budgets = [min(max_new_tokens, sampler.max_seq_len - len(p)) for p in prompts]
+        room = [i for i, b in enumerate(budgets) if b >= 1]
+        outs = sampler.generate([prompts[i] for i in room], [budgets[i] for i in room],
+                                temperature=temperature, stop_ids=stop_ids, seed=seed) if room else []
+        res = [[] for _ in prompts]
+        for i, o in zip(room, outs):
+            res[i] = o.tokens[:-1] if o.tokens and o.tokens[-1] in stop else o.tokens
+        return res
     return generate
 
 def synthesize_coat(generator, tok, problems, cfg=None, critic=None, verifier=None, scorer=None,

@@ -231,3 +231,15 @@ def test_random_model_through_sampler(tok):
     assert calls[0] == 8 and len(calls) == 3        # samples, then two rounds of continuations of garbage
     for r in records:
         assert r["type"] in COAT_TYPES and coat_grammar_ok(r["response"]) and grade(r["response"], r["answer"])
+
+
+def test_sampler_generator_skips_prompts_without_room(tok):
+    """A prompt that already fills the sampler's max_seq_len gets no tokens instead of an error; the
+    others are generated with budgets clipped to the room they have."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=64))
+    sample = sampler_generator(Sampler(model, max_batch=4, block_size=8, max_seq_len=40), stop_ids=[])
+    outs = sample([[1] * 40, [2] * 35, [3] * 10, [4] * 50], 1.0, 8, 0)
+    assert [len(o) for o in outs] == [0, 5, 8, 0]
