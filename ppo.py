@@ -310,6 +310,37 @@ def response_values(critic, r: Rollouts):
     return torch.zeros_like(r.mask, dtype=v.dtype).index_put((rows, cols - r.prompt_lens[rows] + 1), v)
 
 
+@torch.no_grad()
+def set_advantages(r: Rollouts, cfg: PPOConfig, seq_rewards, finished, critic=None, budget=None):
+    """Fill r.advantages (and, with a critic, r.values and r.returns) from sequence rewards [B] and
+    finished [B] (False = never emitted EOS). r.old_logp, and r.ref_logp when cfg.kl_coef > 0, must
+    be set. This is where PPO and the GRPO family differ:
+      gae:           reward on the last token (+ -kl_coef * KL per token), GAE over the critic's values,
+                     advantages whitened over the batch (cfg.whiten_advantages);
+      grpo / drgrpo: one advantage per sample, its reward against its group's (group_advantages,
+                     std-normalised for grpo only), on every token of the sample; no critic.
+    budget: the generation budget, for DAPO's overlong penalty (cfg.overlong_buffer > 0)."""
+    if cfg.adv_estimator == "gae":
+        if critic is None:
+            raise ValueError("adv_estimator 'gae' needs a critic")
+        r.values = response_values(critic, r)
+        rewards = token_rewards(seq_rewards, r.mask, r.old_logp, r.ref_logp, cfg.kl_coef, cfg.kl_estimator,
+                                finished, cfg.no_eos_penalty, cfg.reward_clip)
+        adv, r.returns = gae(rewards, r.values, r.mask, cfg.gamma, cfg.lam)
+        r.advantages = masked_whiten(adv, r.mask) if cfg.whiten_advantages else adv
+        return
+    if cfg.adv_estimator not in ("grpo", "drgrpo"):
+        raise ValueError(f"unknown adv_estimator {cfg.adv_estimator!r}")
+    seq = seq_rewards.float()
+    if cfg.reward_clip is not None:
+        seq = seq.clamp(-cfg.reward_clip, cfg.reward_clip)
+    seq = seq + (~finished.bool()).float() * cfg.no_eos_penalty
+    if cfg.overlong_buffer:
+        seq = seq + dapo_overlong_penalty(r.resp_lens, budget, cfg.overlong_buffer)
+    adv = group_advantages(seq, cfg.group_size, normalize_std=cfg.adv_estimator == "grpo")
+    r.advantages = adv[:, None] * r.mask
+
+
 def _share(mask, mb_mask, agg):
     """Weight of a micro-batch's aggregated loss in its minibatch, so that accumulating micro-batches
     gives exactly the minibatch's loss for every aggregation."""
@@ -321,10 +352,12 @@ def _share(mask, mb_mask, agg):
 
 
 def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt=None, temperature=1.0,
-               micro_batch_size=16, generator=None):
+               micro_batch_size=16, generator=None, extra_loss=None):
     """cfg.ppo_epochs passes over the rollouts in minibatches of cfg.minibatch_size rows, each an
     optimizer step accumulated over micro-batches. r must hold old_logp, advantages and (with a
-    critic) values and returns. Returns the mean of each metric over the steps."""
+    critic) values and returns; ref_logp too when cfg.kl_loss_coef > 0. extra_loss(policy) ->
+    (loss, metrics), when given, is added to every optimizer step's loss (ExPO's term).
+    Returns the mean of each metric over the steps."""
     B = r.ids.shape[0]
     hist = {}
     for _ in range(cfg.ppo_epochs):
@@ -357,6 +390,10 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
                 for k, v in info.items():
                     step[k] = step.get(k, 0.0) + wt * float(v)
                 step["policy_loss"] = step.get("policy_loss", 0.0) + w * float(loss.detach())
+            if extra_loss is not None:
+                loss, info = extra_loss(policy)
+                loss.backward()
+                step.update({k: float(v) for k, v in info.items()})
             step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
             opt.step()
             if critic_opt is not None:

@@ -113,6 +113,19 @@ class Config:
     micro_batch: int = 16         # responses per forward/backward (gradient accumulation)
     no_eos_penalty: float = -1.0  # reward of a response that never stops
     reflect_bonus: float = 0.5    # RAE reflection bonus (Satori: 0.5)
+    # the methods beside Satori's PPO (train.algo_config; REFERENCE.md)
+    algo: str = "ppo"             # ppo | grpo | drgrpo | dapo
+    group_size: int = 8           # GRPO family: samples per prompt (rl_batch // group_size prompts a step)
+    grpo_kl: float = 0.04         # GRPO / Dr. GRPO: beta of the k3 KL to the starting policy in the loss
+    dapo_clip_high: float = 0.28  # DAPO: upper clip eps (the lower one is clip_eps)
+    dapo_overlong_buffer: int = 32  # DAPO: soft length penalty over the last N tokens of rl_max_new_tokens
+    dapo_max_refills: int = 4     # DAPO: extra sampling rounds to replace all-right / all-wrong groups
+    rlsp_coef: float = 0.0        # RLSP: weight of the exploration reward (0 = off; any algo)
+    rlsp_schedule: str = "constant"   # constant | linear_decay
+    rlsp_max_steps: int = 8       # RLSP: distinct steps that earn the full exploration reward
+    expo: bool = False            # ExPO: add beta * log pi(self-explanation | question) where a group fails
+    expo_beta: float = 0.04       # ExPO: 0.04 best in the paper, 0.5 worse than plain GRPO
+    expo_threshold: float = 0.0   # ExPO: groups with accuracy <= this get a self-explanation
     # iterative self-improvement: distil the hardest solved questions into the base model, RL again
     distill_questions: int = 256
     distill_samples: int = 4
@@ -469,39 +482,119 @@ def load_rae(cfg):
         return [rae.RestartState(**json.loads(line)) for line in f if line.strip()]
 
 
+# PPO (Satori) and the GRPO family differ in algo_config and in the advantage lines of rl_train only
+
+ALGOS = ("ppo", "grpo", "drgrpo", "dapo")
+
+
+def algo_config(cfg, group):
+    """The PPOConfig of --algo: the only lines where PPO, GRPO, Dr. GRPO and DAPO differ."""
+    common = dict(gamma=cfg.gamma, lam=cfg.lam, clip=cfg.clip_eps, ppo_epochs=cfg.ppo_epochs,
+                  minibatch_size=cfg.minibatch_size, grad_clip=cfg.clip, group_size=group)
+    if cfg.algo == "ppo":      # critic + GAE, advantages whitened over the batch, per-token KL reward
+        return ppo.PPOConfig(adv_estimator="gae", value_clip=cfg.value_clip, kl_coef=cfg.kl_coef,
+                             no_eos_penalty=cfg.no_eos_penalty, **common)
+    grpo = dict(common, whiten_advantages=False, kl_estimator="k3", no_eos_penalty=cfg.no_eos_penalty)
+    if cfg.algo == "grpo":     # (r - group mean) / group std, k3 KL in the loss, mean of sequence means
+        return ppo.PPOConfig(adv_estimator="grpo", kl_loss_coef=cfg.grpo_kl, loss_agg="seq_mean", **grpo)
+    if cfg.algo == "drgrpo":   # no std division; token sums over a constant length
+        return ppo.PPOConfig(adv_estimator="drgrpo", kl_loss_coef=cfg.grpo_kl, loss_agg="seq_sum_norm",
+                             max_len=cfg.rl_max_new_tokens, **grpo)
+    if cfg.algo == "dapo":     # clip-higher, token mean, dynamic sampling, soft overlong penalty, no KL
+        return ppo.PPOConfig(adv_estimator="grpo", clip_high=cfg.dapo_clip_high, loss_agg="token_mean",
+                             dynamic_sampling=True, overlong_buffer=cfg.dapo_overlong_buffer,
+                             **dict(grpo, no_eos_penalty=0.0))
+    raise SystemExit(f"--algo={cfg.algo}: expected one of {', '.join(ALGOS)}")
+
+
+def sample_groups(cfg, sampler, tok, train, pool, rng, n_prompts, group, temperature, seed, dynamic):
+    """n_prompts states drawn from pool, `group` samples each -> (states, outs, responses, correct).
+    dynamic (DAPO): groups whose samples are all right or all wrong are dropped and refilled with
+    new draws, up to cfg.dapo_max_refills times; the batch may come back short after that."""
+    own_prompt = lambda s: len(tok.encode_prompt(train[s.question_id]["question"]))
+    states, outs, responses, correct = [], [], [], []
+    for attempt in range(1 + (cfg.dapo_max_refills if dynamic else 0)):
+        draw = [pool[rng.randrange(len(pool))] for _ in range(n_prompts - len(states))]
+        o, resp, ok = sample_and_grade(sampler, tok, train, [s.prompt_ids for s in draw],
+                                       [s.question_id for s in draw], group, temperature, cfg.rl_max_new_tokens,
+                                       seed=seed + 1_000_003 * attempt, skip=[own_prompt(s) for s in draw])
+        keep = ppo.dynamic_sampling_keep(torch.tensor(ok, dtype=torch.float), group) if dynamic else None
+        for i, s in enumerate(draw):
+            if keep is None or keep[i * group]:
+                states.append(s)
+                rows = slice(i * group, (i + 1) * group)
+                outs += o[rows]
+                responses += resp[rows]
+                correct += ok[rows]
+        if len(states) == n_prompts:
+            break
+    return states, outs, responses, correct
+
+
+def expo_rollouts(cfg, sampler, tok, train, states, correct, group, temperature, seed, dev):
+    """ExPO: for every prompt whose group reward is near zero (ppo.expo_select on accuracy), the
+    policy writes a self-explanation given the question AND the correct answer (reward.expo_prompt);
+    those that end in the right \\boxed{} answer become rows (question-only prompt, explanation) for
+    ppo.expo_loss. None when there are none."""
+    stuck = ppo.expo_select(torch.tensor(correct, dtype=torch.float), group, cfg.expo_threshold)
+    qids = [states[i].question_id for i in stuck.nonzero().flatten().tolist()]
+    if not qids:
+        return None
+    prompts = [tok.encode(reward.expo_prompt(train[q]["question"], train[q]["answer"])) for q in qids]
+    outs = sampler.generate(prompts, cfg.rl_max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed)
+    rows = [(tok.encode_prompt(train[q]["question"]), o.tokens) for q, o in zip(qids, outs)
+            if o.finished and reward.grade(tok.decode(o.tokens[:-1]), train[q]["answer"]) is True]
+    if not rows:
+        return None
+    return ppo.make_rollouts([p for p, _ in rows], [t for _, t in rows], tok.pad_id, dev)
+
+
 def rl_train(cfg, state, src, dst, pool, temperature, group, steps):
-    """PPO from out/<src> on prompts drawn from `pool` (RestartStates), `group` samples each
-    -> out/<dst>. The critic starts from the ORM (or the policy's trunk with --orm=false)."""
+    """RL with --algo from out/<src> on prompts drawn from `pool` (RestartStates), `group` samples
+    each -> out/<dst>. PPO's critic starts from the ORM (or the policy's trunk with --orm=false)."""
     log, train = state["log"], state["train"]
     dev = get_device(cfg)
     policy, tok = load_stage(cfg, src)
-    use_orm = cfg.orm and has_model(stage_dir(cfg, "orm"))
-    critic = ValueModel.from_pretrained(stage_dir(cfg, "orm"), device=dev) if use_orm else ValueModel.from_policy(policy)
-    scorer = ValueModel.from_pretrained(stage_dir(cfg, "orm"), device=dev).eval() if use_orm and cfg.orm_reward else None
-    pcfg = ppo.PPOConfig(gamma=cfg.gamma, lam=cfg.lam, clip=cfg.clip_eps, value_clip=cfg.value_clip,
-                         kl_coef=cfg.kl_coef, ppo_epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size,
-                         no_eos_penalty=cfg.no_eos_penalty, grad_clip=cfg.clip)
+    pcfg = algo_config(cfg, group)
+    orm_dir = stage_dir(cfg, "orm")
+    use_orm = cfg.orm and has_model(orm_dir)
+    critic = None
+    if pcfg.adv_estimator == "gae":
+        critic = ValueModel.from_pretrained(orm_dir, device=dev) if use_orm else ValueModel.from_policy(policy)
+    scorer = ValueModel.from_pretrained(orm_dir, device=dev).eval() if use_orm and cfg.orm_reward else None
+    ref = None                  # the frozen starting policy, for a KL term
+    if pcfg.kl_coef or pcfg.kl_loss_coef:
+        ref = load_stage(cfg, src)[0].eval().requires_grad_(False)
     rcfg = reward.RewardConfig(use_orm=scorer is not None, reflect_bonus=cfg.reflect_bonus)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.actor_lr, betas=cfg.betas, weight_decay=0.0)
-    copt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=cfg.betas, weight_decay=0.0)
+    copt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=cfg.betas, weight_decay=0.0) if critic else None
     sched = SFTConfig(lr=1.0, warmup_frac=cfg.warmup_frac, min_lr_ratio=cfg.min_lr_ratio)
-    own_prompt = {q: len(tok.encode_prompt(train[q]["question"])) for q in {s.question_id for s in pool}}
     n_prompts = max(1, cfg.rl_batch // group)
-    longest = max(len(s.prompt_ids) for s in pool) + cfg.rl_max_new_tokens
-    sampler = Sampler(policy, max_batch=n_prompts * group, max_seq_len=longest)
+    longest = max(len(s.prompt_ids) for s in pool)
+    if cfg.expo:
+        longest = max(longest, max(len(tok.encode(reward.expo_prompt(train[s.question_id]["question"],
+                                                                      train[s.question_id]["answer"]))) for s in pool))
+    sampler = Sampler(policy, max_batch=n_prompts * group, max_seq_len=longest + cfg.rl_max_new_tokens)
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     t_start = time.time()
+    log(f"{dst}: {cfg.algo}, {steps} steps of {n_prompts} prompts x {group} samples, temperature {temperature}")
     for step in range(steps):
         for o, base in ((opt, cfg.actor_lr), (copt, cfg.critic_lr)):
-            for g in o.param_groups:
+            for g in (o.param_groups if o else []):
                 g["lr"] = base * lr_at(step, steps, sched)
-        batch = [pool[rng.randrange(len(pool))] for _ in range(n_prompts)]
         t0 = time.time()
         policy.eval()
-        outs, responses, correct = sample_and_grade(
-            sampler, tok, train, [s.prompt_ids for s in batch], [s.question_id for s in batch], group,
-            temperature, cfg.rl_max_new_tokens, seed=cfg.seed * 100003 + step,
-            skip=[own_prompt[s.question_id] for s in batch])
+        seed = cfg.seed * 100003 + step
+        batch, outs, responses, correct = sample_groups(cfg, sampler, tok, train, pool, rng, n_prompts, group,
+                                                        temperature, seed, pcfg.dynamic_sampling)
+        if not batch:
+            log(f"{dst} step {step + 1}/{steps}: every group was all right or all wrong; no update")
+            continue
+        extra, er = None, None
+        if cfg.expo:
+            er = expo_rollouts(cfg, sampler, tok, train, batch, correct, group, temperature, seed, dev)
+            if er is not None:
+                extra = lambda m: ppo.expo_loss(m, er, cfg.expo_beta, temperature, pcfg.loss_agg, pcfg.max_len)
         t_gen = time.time() - t0
         prompts = [s.prompt_ids for s in batch for _ in range(group)]
         status = [s.status for s in batch for _ in range(group)]
@@ -509,32 +602,39 @@ def rl_train(cfg, state, src, dst, pool, temperature, group, steps):
         r.old_logp = torch.zeros_like(r.mask)
         r.old_logp[r.mask.bool()] = torch.tensor([lp for o in outs for lp in o.logprobs], device=dev)
         with torch.no_grad():
-            r.values = ppo.response_values(critic, r)
             orm = [None] * len(outs)
             if scorer is not None:
                 last = r.prompt_lens + r.resp_lens - 1
                 orm = scorer(r.ids)[torch.arange(len(outs), device=dev), last].tolist()
-        seq_r = torch.tensor([reward.satori_reward(c, s_orm, st, rcfg) for c, s_orm, st in zip(correct, orm, status)],
-                             device=dev)
+            if ref is not None:
+                r.ref_logp = ppo.response_logprobs(ref, r, temperature)
+        seq_r = [reward.satori_reward(c, s_orm, st, rcfg) for c, s_orm, st in zip(correct, orm, status)]
+        if cfg.rlsp_coef:       # RLSP: an exploration reward beside the verifier's, weighted by a schedule
+            coef = reward.rlsp_coef(step, steps, cfg.rlsp_coef, cfg.rlsp_schedule)
+            seq_r = [x + coef * reward.exploration_reward(tok.decode(o.tokens), cfg.rlsp_max_steps, coat=True)
+                     for x, o in zip(seq_r, outs)]
+        seq_r = torch.tensor(seq_r, device=dev)
         finished = torch.tensor([o.finished for o in outs], device=dev)
-        rewards = ppo.token_rewards(seq_r, r.mask, finished=finished, no_eos_penalty=pcfg.no_eos_penalty,
-                                    reward_clip=pcfg.reward_clip)
-        adv, r.returns = ppo.gae(rewards, r.values, r.mask, pcfg.gamma, pcfg.lam)
-        r.advantages = ppo.masked_whiten(adv, r.mask)
+        ppo.set_advantages(r, pcfg, seq_r, finished, critic, cfg.rl_max_new_tokens)
         t1 = time.time()
         policy.train()
-        info = ppo.ppo_update(policy, opt, r, pcfg, critic, copt, temperature, cfg.micro_batch, gen)
+        info = ppo.ppo_update(policy, opt, r, pcfg, critic, copt, temperature, cfg.micro_batch, gen, extra)
         t_train = time.time() - t1
         n_tok = int(r.mask.sum())
-        m = {"stage": dst, "step": step + 1, "reward": float(seq_r.mean()), "acc": sum(correct) / len(correct),
-             "kl": info["approx_kl"], "entropy": info["entropy"], "clipfrac": info["clipfrac"],
-             "value_loss": info["value_loss"], "resp_len": n_tok / len(outs),
-             "reflect_rate": sum(tok.reflect_id in o.tokens for o in outs) / len(outs),
+        m = {"stage": dst, "algo": cfg.algo, "step": step + 1, "reward": float(seq_r.mean()),
+             "acc": sum(correct) / len(correct), "kl": info["approx_kl"], "entropy": info["entropy"],
+             "clipfrac": info["clipfrac"], "value_loss": info.get("value_loss", 0.0), "resp_len": n_tok / len(outs),
+             "reflect_rate": sum(tok.reflect_id in o.tokens for o in outs) / len(outs), "prompts": len(batch),
              "tok_s": n_tok / (t_gen + t_train), "gen_s": t_gen, "train_s": t_train}
+        m.update({k: info[k] for k in ("kl_loss", "expo_logp") if k in info})
+        more = f" prompts {len(batch)}" if pcfg.dynamic_sampling else ""
+        if cfg.expo:
+            m["expo_rows"] = 0 if er is None else er.ids.shape[0]
+            more += f" expo {m['expo_rows']}"
         log(f"{dst} step {step + 1}/{steps} | reward {m['reward']:+.3f} acc {m['acc']:.3f} kl {m['kl']:.4f} "
             f"ent {m['entropy']:.3f} clip {m['clipfrac']:.3f} vloss {m['value_loss']:.4f} len {m['resp_len']:.0f} "
-            f"reflect {m['reflect_rate']:.2f} | {m['tok_s']:.0f} tok/s gen {t_gen:.1f}s train {t_train:.1f}s", **m)
-    log(f"{dst}: {steps} PPO steps in {time.time() - t_start:.0f}s")
+            f"reflect {m['reflect_rate']:.2f}{more} | {m['tok_s']:.0f} tok/s gen {t_gen:.1f}s train {t_train:.1f}s", **m)
+    log(f"{dst}: {steps} {cfg.algo} steps in {time.time() - t_start:.0f}s")
     save_stage(cfg, dst, policy, tok)
 
 
@@ -548,7 +648,8 @@ def stage_rl(cfg, state):
         if cfg.rae:
             state["log"]("rl: the RAE buffer is empty; training on the plain questions")
         pool = plain_pool(cfg, train, tok)
-    rl_train(cfg, state, "format_tuned", "rl_round1", pool, cfg.rl_temperature, 1, cfg.rl_steps)
+    group = 1 if cfg.algo == "ppo" else cfg.group_size
+    rl_train(cfg, state, "format_tuned", "rl_round1", pool, cfg.rl_temperature, group, cfg.rl_steps)
 
 
 def plain_pool(cfg, train, tok):
@@ -592,7 +693,8 @@ def stage_rl2(cfg, state):
     train = state["train"]
     tok = Tokenizer.from_pretrained(stage_dir(cfg, "distilled"))
     pool = plain_pool(cfg, train, tok)
-    rl_train(cfg, state, "distilled", "rl_round2", pool, cfg.rl2_temperature, cfg.rl2_samples, cfg.rl2_steps)
+    group = cfg.rl2_samples if cfg.algo == "ppo" else cfg.group_size
+    rl_train(cfg, state, "distilled", "rl_round2", pool, cfg.rl2_temperature, group, cfg.rl2_steps)
 
 
 EVAL_STAGES = ("base", "format_tuned", "rl_round1", "distilled", "rl_round2")
