@@ -12,6 +12,10 @@ of `row_len` tokens; a block-diagonal causal mask keeps them from seeing each ot
 restart at 0 for each, so a packed row computes exactly what the documents would alone. The loss is
 on response tokens only (the prompt is context), normalised over the whole optimizer step (all
 micro-batches of one accumulation), so splitting a step into micro-batches never changes it.
+The same holds across processes: under torchrun each rank trains on its share of every micro-batch's
+rows and the loss is normalised by global counts (parallel.py), so `torchrun --nproc_per_node=N`
+trains the same model as one process. With a checkpoint directory a run resumes bitwise where it
+stopped (checkpoint.py).
 """
 import math
 import random
@@ -21,7 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import kernels
+import parallel
 
 IGNORE = -100   # target of a position that has no loss: prompt, last token of a document, padding
 
@@ -41,6 +47,7 @@ class SFTConfig:
     betas: tuple = (0.9, 0.95)
     seed: int = 0
     log_every: int = 10           # optimizer steps between progress lines
+    max_bad_steps: int = 5        # non-finite steps in a row (each skipped) before the run aborts
 
 
 # -----------------------------------------------------------------------------
@@ -157,23 +164,26 @@ def orm_loss(value_model, batch, margin):
 # -----------------------------------------------------------------------------
 # the training loop shared by SFT and the ORM
 
-def sft_train(model, examples, cfg, log=print, on_metrics=None, name="sft"):
+def sft_train(model, examples, cfg, log=print, on_metrics=None, name="sft", ckpt_dir=None, ckpt_every=0, keep=2):
     """Train a Transformer on (prompt_ids, response_ids) pairs, loss on the response only (append the
     eos id to the response to teach stopping). An example may carry a third item, a per-response-token
     mask (False = context, no loss: e.g. the wrong steps of a COAT demonstration that it corrects).
-    `name` prefixes the progress lines and metrics. Returns the run's metrics (see train_loop)."""
+    `name` prefixes the progress lines and metrics; ckpt_dir, ckpt_every, keep: checkpoints and
+    resume (see train_loop). Returns the run's metrics (see train_loop)."""
     units = [[(list(ex[0]) + list(ex[1]), len(ex[0]), ex[2] if len(ex) > 2 else None)] for ex in examples]
     if any(len(ex[1]) == 0 for ex in examples):
         raise ValueError("sft_train: every example needs at least one response token")
-    return train_loop(model, units, cfg, sft_loss, per="tokens", log=log, on_metrics=on_metrics, name=name)
+    return train_loop(model, units, cfg, sft_loss, per="tokens", log=log, on_metrics=on_metrics, name=name,
+                      ckpt_dir=ckpt_dir, ckpt_every=ckpt_every, keep=keep)
 
 
-def orm_train(value_model, pairs, cfg, margin=2.0, log=print, on_metrics=None):
+def orm_train(value_model, pairs, cfg, margin=2.0, log=print, on_metrics=None, ckpt_dir=None, ckpt_every=0, keep=2):
     """Train a ValueModel as an outcome reward model on (prompt, chosen, rejected) triples of token
     ids, with the Bradley-Terry margin loss. Both responses of a pair sit in the same row."""
     units = [[(list(p) + list(c), len(p), None), (list(p) + list(r), len(p), None)] for p, c, r in pairs]
     fn = lambda m, b: orm_loss(m, b, margin)
-    return train_loop(value_model, units, cfg, fn, per="units", log=log, on_metrics=on_metrics, name="orm")
+    return train_loop(value_model, units, cfg, fn, per="units", log=log, on_metrics=on_metrics, name="orm",
+                      ckpt_dir=ckpt_dir, ckpt_every=ckpt_every, keep=keep)
 
 
 def _plan(lengths, row_len, cfg, rng):
@@ -203,15 +213,40 @@ def _fmt_time(s):
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=None, name="sft"):
+def _resume(ckpt_dir, model, opt, run, log):
+    """`run` (the loop's state) as saved in the newest checkpoint of ckpt_dir, with the model, the
+    optimizer and the RNG restored; `run` itself when there is none. The plan is rebuilt from the
+    seed, so the step is all the data position needed."""
+    path = checkpoint.latest(ckpt_dir)
+    if path is None:
+        return run
+    meta = checkpoint.load(path, {"model": model}, {"opt": opt})
+    if (meta.get("stage"), meta.get("steps")) != (run["stage"], run["steps"]):
+        raise ValueError(f"{path}: checkpoint of stage {meta.get('stage')!r} with {meta.get('steps')} steps, but this run "
+                         f"is {run['stage']!r} with {run['steps']} steps (other data or config?): use another checkpoint directory")
+    log(f"{run['stage']}: resumed from {path} at step {meta['step']}/{run['steps']}")
+    return {**run, **meta}
+
+
+def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=None, name="sft",
+               ckpt_dir=None, ckpt_every=0, keep=2):
     """AdamW + warm-up/cosine + grad clipping + accumulation over packed micro-batches.
     units: list of lists of documents (ids, n_prompt); loss_fn(model, batch) -> (loss sum, metrics);
     per: "tokens" (normalise by the step's loss tokens) or "units" (by its units, e.g. ORM pairs).
+    Under torchrun (parallel.init() called) every rank builds the same plan and takes the rows
+    rank, rank + world, ... of each micro-batch; the loss is normalised by global counts and the
+    gradients summed, so the batch config means the same for any number of processes. Only rank 0
+    logs. A step whose loss or grad norm is not finite is skipped; cfg.max_bad_steps in a row abort.
+    ckpt_dir: resume from its newest checkpoint (if any), save one every ckpt_every steps (0: only
+    after the last step) keeping the newest `keep`.
     Returns {"steps", "loss" (mean of the last log window), "first_loss", "losses" (per step),
-    "tokens", "time_s", "tokens_per_s"} (+ "acc" for the ORM)."""
+    "tokens" (all ranks), "time_s", "tokens_per_s", "skipped_steps", "resumed_from"} (+ "acc" for
+    the ORM)."""
     if not units:
         raise ValueError(f"{name}: no training examples")
     device = next(model.parameters()).device
+    rank, world = parallel.rank(), parallel.world()
+    say = log if rank == 0 else (lambda s: None)
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     lengths = [sum(len(d) for d, *_ in u) for u in units]
@@ -229,48 +264,80 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     pad_id = 0
 
+    # the loop's state: what a checkpoint saves besides weights, optimizer and RNG
+    run = {"stage": name, "step": 0, "steps": steps, "losses": [], "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0}
+    if ckpt_dir:
+        # fail before training, not at the first save: room for weights + two AdamW moments
+        checkpoint.check_writable(ckpt_dir, 3 * sum(p.numel() * p.element_size() for p in params))
+        run = _resume(ckpt_dir, model, opt, run, say)
+    start, losses, tokens = run["step"], run["losses"], run["tokens"]
     model.train()
-    losses, window, extra_sum, extra_n = [], [], {}, 0
+    window, extra_sum, extra_n = [], {}, 0
+    last = {"loss": losses[-1] if losses else float("nan")}
     t0 = t_log = time.time()
-    tokens = tokens_log = 0
-    for step in range(steps):
+    tokens_log = tokens0 = tokens
+    for step in range(start, steps):
         lr = lr_at(step, steps, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        micro = [collate(rows, units, pad_id, device) for rows in plan[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
-        denom = sum(b.n_loss if per == "tokens" else len(b.units) for b in micro)
-        step_loss = 0.0
+        mine = [rows[rank::world] for rows in plan[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
+        micro = [collate(rows, units, pad_id, device) for rows in mine if rows]   # may be [] on a rank
+        denom = max(1, parallel.all_sum(sum(b.n_loss if per == "tokens" else len(b.units) for b in micro)))
+        step_loss, step_tokens = 0.0, 0
         for b in micro:
             with autocast:
                 loss_sum, extra = loss_fn(model, b)
             (loss_sum / denom).backward()
             step_loss += loss_sum.item() / denom
-            tokens += b.n_tokens
+            step_tokens += b.n_tokens
             for k, v in extra.items():
                 extra_sum[k] = extra_sum.get(k, 0.0) + v
             extra_n += len(b.units)
+        parallel.sync_grads(params)
+        step_loss, step_tokens = parallel.all_sum([step_loss, step_tokens])
+        tokens += step_tokens
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
-        opt.step()
+        # loss and grad norm are global, so every rank takes the same decision
+        if math.isfinite(step_loss) and math.isfinite(gnorm):
+            opt.step()
+            run["bad_in_a_row"] = 0
+            window.append(step_loss)
+        else:
+            run["skipped_steps"] += 1
+            run["bad_in_a_row"] += 1
+            say(f"{name} step {step + 1}/{steps}: WARNING non-finite loss {step_loss} or grad norm {gnorm}, "
+                f"step skipped ({run['bad_in_a_row']} in a row, {run['skipped_steps']} in all)")
+            if run["bad_in_a_row"] >= cfg.max_bad_steps:
+                raise RuntimeError(f"{name}: {run['bad_in_a_row']} non-finite steps in a row (steps "
+                                   f"{step + 2 - run['bad_in_a_row']}..{step + 1}), aborting: lower the lr or "
+                                   "check the data (max_bad_steps sets the limit)")
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
-        window.append(step_loss)
         if (step + 1) % cfg.log_every == 0 or step == steps - 1:
+            parts = parallel.gather([(extra_sum, extra_n)])        # per-rank metric sums -> global
+            extra_n = sum(n for _, n in parts)
+            extra_sum = {k: sum(s.get(k, 0.0) for s, _ in parts) for k in dict.fromkeys(k for s, _ in parts for k in s)}
             now = time.time()
             tps = (tokens - tokens_log) / max(now - t_log, 1e-9)
-            eta = (now - t0) / (step + 1) * (steps - step - 1)
-            m = {"stage": name, "step": step + 1, "steps": steps, "loss": sum(window) / len(window),
+            eta = (now - t0) / (step + 1 - start) * (steps - step - 1)
+            m = {"stage": name, "step": step + 1, "steps": steps,
+                 "loss": sum(window) / len(window) if window else float("nan"),
                  "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "eta_s": eta}
             m.update({k: v / max(extra_n, 1) for k, v in extra_sum.items()})
             extras = "".join(f" {k} {m[k]:.3f}" for k in extra_sum)
-            log(f"{name} step {step + 1}/{steps} loss {m['loss']:.4f}{extras} lr {lr:.2e} "
+            say(f"{name} step {step + 1}/{steps} loss {m['loss']:.4f}{extras} lr {lr:.2e} "
                 f"gnorm {gnorm:.2f} tok/s {tps:.0f} eta {_fmt_time(eta)}")
-            if on_metrics:
+            if on_metrics and rank == 0:
                 on_metrics(m)
             last, window, t_log, tokens_log = m, [], now, tokens
             extra_sum, extra_n = {}, 0
+        if ckpt_dir and ((ckpt_every > 0 and (step + 1) % ckpt_every == 0) or step == steps - 1):
+            run.update(step=step + 1, losses=losses, tokens=tokens)
+            checkpoint.save(ckpt_dir, f"step-{step + 1:08d}", {"model": model}, {"opt": opt}, run, keep=keep)
     model.eval()
     dt = time.time() - t0
-    out = {"steps": steps, "loss": last["loss"], "first_loss": losses[0], "losses": losses,
-           "tokens": tokens, "time_s": dt, "tokens_per_s": tokens / max(dt, 1e-9)}
+    out = {"steps": steps, "loss": last["loss"], "first_loss": losses[0], "losses": losses, "tokens": tokens,
+           "time_s": dt, "tokens_per_s": (tokens - tokens0) / max(dt, 1e-9),
+           "skipped_steps": run["skipped_steps"], "resumed_from": start}
     out.update({k: last[k] for k in last if k not in ("stage", "step", "steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s")})
     return out

@@ -1,0 +1,194 @@
+"""Atomic, resumable checkpoints: tensors in safetensors, everything else in JSON (nothing unpickled).
+
+    checkpoint.check_writable("out/ckpt", min_free_bytes=10**9)       # before training starts
+    checkpoint.save("out/ckpt", "step-00000100", {"policy": model}, {"policy": opt}, {"step": 100})
+    path = checkpoint.latest("out/ckpt")                               # newest complete one, or None
+    meta = checkpoint.load(path, {"policy": model}, {"policy": opt})
+
+A checkpoint root/name holds <key>.safetensors (a model's state_dict, tied tensors stored once),
+optim-<key>.safetensors (an optimizer's tensors), rng-rank<r>.safetensors (rank r's RNG states: torch
+CPU, its CUDA device, the generators passed in; Python's in the file's metadata) and meta.json (the
+caller's meta, the optimizers' non-tensor state, the world size). It is written as root/.tmp-name,
+every file fsynced, then renamed; meta.json is written last, so a directory with meta.json is
+complete and a crash leaves only a .tmp-* that the next save removes.
+"""
+import json
+import os
+import random
+import shutil
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+import parallel
+
+META = "meta.json"
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)   # works for files and directories on Linux
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tensors(tensors, path, metadata=None):
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata)
+    _fsync(path)
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _split_optim(opt):
+    """optimizer.state_dict() -> ({"<param index>.<name>": tensor}, JSON-able rest)."""
+    sd = opt.state_dict()
+    tensors, state = {}, {}
+    for i, s in sd["state"].items():
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                tensors[f"{i}.{k}"] = v
+            else:
+                state.setdefault(str(i), {})[k] = v
+    return tensors, {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _join_optim(tensors, rest):
+    state = {}
+    for name, t in tensors.items():
+        i, k = name.split(".", 1)
+        state.setdefault(int(i), {})[k] = t
+    for i, s in rest["state"].items():
+        state.setdefault(int(i), {}).update(s)
+    # JSON turned tuples (betas) into lists; "params" is the only list of a param group
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_tensors(generators):
+    t = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():   # this rank's device only: touching the others would give them a context
+        t["cuda"] = torch.cuda.get_rng_state()
+    t.update({f"gen.{k}": g.get_state() for k, g in (generators or {}).items()})
+    return t
+
+
+def _complete(root):
+    """[(order, path)] of the complete checkpoints under root; order = (meta step, save time)."""
+    out = []
+    for d in os.listdir(root) if os.path.isdir(root) else []:
+        path = os.path.join(root, d)
+        if d.startswith(".") or not os.path.isfile(os.path.join(path, META)):
+            continue
+        try:
+            with open(os.path.join(path, META)) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        step = rec.get("meta", {}).get("step")
+        out.append(((step if isinstance(step, int) else -1, rec.get("saved_ns", 0)), path))
+    return sorted(out)
+
+
+def latest(root):
+    """Path of the newest complete checkpoint under root, or None."""
+    found = _complete(root)
+    return found[-1][1] if found else None
+
+
+def save(root, name, models, optimizers, meta, keep=2, generators=None):
+    """Write root/name atomically (see the top of the file); every rank must call it (each writes its
+    own RNG file; rank 0 the rest). Then delete all but the newest `keep` checkpoints (keep <= 0:
+    keep all). models / optimizers / generators: {key: object}; meta: JSON-able dict, returned by
+    load; an int meta["step"] orders the checkpoints. -> the checkpoint's path."""
+    r = parallel.rank()
+    tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
+    if r == 0:
+        os.makedirs(root, exist_ok=True)
+        for d in os.listdir(root):                    # leftovers of a save that crashed
+            if d.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(root, d))
+        os.makedirs(tmp)
+    parallel.barrier()
+    _write_tensors(_rng_tensors(generators), os.path.join(tmp, f"rng-rank{r}.safetensors"),
+                   {"python": json.dumps(random.getstate())})
+    parallel.barrier()                                # every rank's RNG file is on disk
+    if r == 0:
+        optim = {}
+        for k, m in models.items():
+            save_model(m, os.path.join(tmp, f"{k}.safetensors"))     # shared tensors stored once
+            _fsync(os.path.join(tmp, f"{k}.safetensors"))
+        for k, o in optimizers.items():
+            tensors, optim[k] = _split_optim(o)
+            _write_tensors(tensors, os.path.join(tmp, f"optim-{k}.safetensors"))
+        _write_json({"meta": meta, "world_size": parallel.world(), "optimizers": optim,
+                     "saved_ns": time.time_ns()}, os.path.join(tmp, META))   # last: marks it complete
+        _fsync(tmp)
+        if os.path.exists(final):                     # the same name again: move the old one aside
+            os.replace(final, os.path.join(root, ".tmp-old-" + name))
+            shutil.rmtree(os.path.join(root, ".tmp-old-" + name))
+        os.replace(tmp, final)
+        _fsync(root)
+        if keep and keep > 0:
+            for _, old in _complete(root)[:-keep]:
+                if old != final:
+                    shutil.rmtree(old)
+    parallel.barrier()
+    return final
+
+
+def load(path, models, optimizers, generators=None):
+    """Restore models (strict: every tensor present and of the right shape), optimizers and this
+    rank's RNG states from a checkpoint written by save. -> the meta dict given to save."""
+    with open(os.path.join(path, META)) as f:
+        rec = json.load(f)
+    if rec["world_size"] != parallel.world():
+        raise ValueError(f"{path}: written by {rec['world_size']} processes, this run has {parallel.world()}; "
+                         "resume with the same number of processes")
+    for k, m in models.items():
+        f = os.path.join(path, f"{k}.safetensors")
+        try:
+            load_model(m, f, strict=True)             # also restores ties: the model holds them
+        except (RuntimeError, FileNotFoundError) as e:
+            raise ValueError(f"{f}: cannot restore model {k!r}: {e}") from None
+    for k, o in optimizers.items():
+        if k not in rec["optimizers"]:
+            raise ValueError(f"{path}: no optimizer {k!r} in this checkpoint")
+        o.load_state_dict(_join_optim(load_file(os.path.join(path, f"optim-{k}.safetensors")), rec["optimizers"][k]))
+    with safe_open(os.path.join(path, f"rng-rank{parallel.rank()}.safetensors"), framework="pt") as f:
+        version, state, gauss = json.loads(f.metadata()["python"])
+        rng = {k: f.get_tensor(k) for k in f.keys()}
+    random.setstate((version, tuple(state), gauss))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    for k, g in (generators or {}).items():
+        if f"gen.{k}" not in rng:
+            raise ValueError(f"{path}: no state for generator {k!r}")
+        g.set_state(rng[f"gen.{k}"])
+    return rec["meta"]
+
+
+def check_writable(dir, min_free_bytes=0):
+    """Fail now, not after hours of training: `dir` must be creatable, writable and have room."""
+    try:
+        os.makedirs(dir, exist_ok=True)
+        probe = os.path.join(dir, f".probe-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+        free = shutil.disk_usage(dir).free
+    except OSError as e:
+        raise SystemExit(f"{dir}: the output directory is not writable ({e.strerror or e})") from None
+    if free < min_free_bytes:
+        raise SystemExit(f"{dir}: {free / 2**30:.2f} GiB free, at least {min_free_bytes / 2**30:.2f} GiB needed")

@@ -1,0 +1,124 @@
+"""One node, many processes: the process group, sums over ranks, sharding lists, summing gradients.
+
+    rank, world = parallel.init()       # under torchrun: nccl on CUDA, gloo on CPU; else (0, 1)
+    mine = parallel.shard(prompts)      # this rank's contiguous block
+    everything = parallel.gather(results_of(mine))   # back in the original order, on every rank
+
+Every function is a no-op (or the identity) in one process without torchrun, so the same training
+code runs either way. Data parallelism is by hand: every rank holds the full model, callers
+normalise their loss by GLOBAL counts, and sync_grads sums the gradients, which then equal exactly
+(up to float summation order) the gradient of one process that saw the whole batch.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+BUCKET = 25_000_000   # elements per gradient all_reduce: few collectives, bounded extra memory
+
+
+def init():
+    """Join the process group when launched by torchrun with WORLD_SIZE > 1. -> (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return rank(), world()
+
+
+def _on():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if _on() else 0
+
+
+def world():
+    return dist.get_world_size() if _on() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+def shutdown():
+    if _on():
+        dist.destroy_process_group()
+
+
+def _device():
+    # nccl only reduces CUDA tensors, gloo reduces CPU ones
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(x):
+    """Sum over ranks. A tensor is reduced in place (and returned); a number, or a list of numbers
+    (one collective for all of them), gives back the global sum(s) as Python numbers."""
+    if world() == 1:
+        return x
+    if torch.is_tensor(x):
+        dist.all_reduce(x)
+        return x
+    many = isinstance(x, (list, tuple))
+    vals = list(x) if many else [x]
+    t = torch.tensor([float(v) for v in vals], dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    out = [int(s) if isinstance(v, int) else s for v, s in zip(vals, t.tolist())]
+    return out if many else out[0]
+
+
+def shard(items):
+    """This rank's contiguous block of items: rank r gets items[r*n//W:(r+1)*n//W] (the remainder
+    spread over the ranks; a rank may get nothing when there are fewer items than ranks)."""
+    n, r, w = len(items), rank(), world()
+    return items[r * n // w:(r + 1) * n // w]
+
+
+def gather(local_items):
+    """Inverse of shard: every rank's list concatenated in rank order, on every rank."""
+    if world() == 1:
+        return list(local_items)
+    parts = [None] * world()
+    dist.all_gather_object(parts, list(local_items))
+    return [x for part in parts for x in part]
+
+
+def sync_grads(params):
+    """Sum .grad over ranks, in place. Why not DDP: our losses call model.hidden() and fused kernels
+    outside forward(), which DDP's hooks do not see, and a rank without data skips its forward.
+    A parameter whose grad is None on every rank stays None (AdamW then skips it, as in one
+    process); otherwise ranks without a grad contribute zeros, so every rank runs the same
+    collectives in the same order. Gradients are flattened into one buffer per dtype and device
+    (in buckets of BUCKET elements) rather than one all_reduce per parameter."""
+    if world() == 1:
+        return
+    params = list(params)
+    dev = _device()
+    has = torch.tensor([float(p.grad is not None) for p in params], device=dev)
+    dist.all_reduce(has)
+    groups = {}
+    for p, h in zip(params, has.tolist()):
+        if h > 0:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+    for ps in groups.values():   # same order on every rank: same params, same global flags
+        i = 0
+        while i < len(ps):
+            bucket, n = [], 0
+            while i < len(ps) and (not bucket or n + ps[i].numel() <= BUCKET):
+                bucket.append(ps[i])
+                n += ps[i].numel()
+                i += 1
+            flat = torch.cat([p.grad.reshape(-1) for p in bucket])           # [n]
+            dist.all_reduce(flat)
+            for p, g in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad.copy_(g.view_as(p.grad))
