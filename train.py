@@ -13,6 +13,7 @@ model.safetensors, tokenizer.json, tokenizer_config.json) and reads its input mo
 any stage runs alone on the output of an earlier run. Progress goes to stdout, metrics to
 out/metrics.jsonl, and the eval stage writes out/results.json and out/results.md.
 """
+import dataclasses
 import json
 import os
 import random
@@ -126,6 +127,24 @@ class Config:
     expo: bool = False            # ExPO: add beta * log pi(self-explanation | question) where a group fails
     expo_beta: float = 0.04       # ExPO: 0.04 best in the paper, 0.5 worse than plain GRPO
     expo_threshold: float = 0.0   # ExPO: groups with accuracy <= this get a self-explanation
+    # RLT (--stages=rlt): teacher warm-up, GRPO on the RLT reward, two students
+    rlt_questions: int = 256      # teacher questions (format warm-up and RL)
+    rlt_full_prompt: bool = False  # RLT's own teacher instruction (real models); false: a short one
+    rlt_warm_lr: float = 2e-3
+    rlt_warm_epochs: float = 10.0
+    rlt_warm_batch_tokens: int = 4096
+    rlt_steps: int = 20
+    rlt_group: int = 8            # RLT: 64 samples per prompt for a 7B teacher
+    rlt_temperature: float = 0.7
+    rlt_lr: float = 2e-4
+    rlt_kl: float = 0.0
+    rlt_lambda: float = 3.0
+    rlt_missing_tags_reward: float = -10.0  # RLT: -1; our tiny student's log-probs of a wrong answer go to
+                                  # about -5 per token, so -1 would pay the teacher for dropping the tags
+    rlt_alpha: float = 0.01
+    rlt_max_new_tokens: int = 96
+    rlt_distill_questions: int = 512
+    rlt_student_steps: int = 100
     # iterative self-improvement: distil the hardest solved questions into the base model, RL again
     distill_questions: int = 256
     distill_samples: int = 4
@@ -511,7 +530,8 @@ def sample_groups(cfg, sampler, tok, train, pool, rng, n_prompts, group, tempera
     """n_prompts states drawn from pool, `group` samples each -> (states, outs, responses, correct).
     dynamic (DAPO): groups whose samples are all right or all wrong are dropped and refilled with
     new draws, up to cfg.dapo_max_refills times; the batch may come back short after that."""
-    own_prompt = lambda s: len(tok.encode_prompt(train[s.question_id]["question"]))
+    # a restart state's prefix after its question's own prompt is part of the graded response
+    own_prompt = lambda s: len(tok.encode_prompt(train[s.question_id]["question"])) if s.status else len(s.prompt_ids)
     states, outs, responses, correct = [], [], [], []
     for attempt in range(1 + (cfg.dapo_max_refills if dynamic else 0)):
         draw = [pool[rng.randrange(len(pool))] for _ in range(n_prompts - len(states))]
@@ -549,9 +569,10 @@ def expo_rollouts(cfg, sampler, tok, train, states, correct, group, temperature,
     return ppo.make_rollouts([p for p, _ in rows], [t for _, t in rows], tok.pad_id, dev)
 
 
-def rl_train(cfg, state, src, dst, pool, temperature, group, steps):
+def rl_train(cfg, state, src, dst, pool, temperature, group, steps, score=None):
     """RL with --algo from out/<src> on prompts drawn from `pool` (RestartStates), `group` samples
-    each -> out/<dst>. PPO's critic starts from the ORM (or the policy's trunk with --orm=false)."""
+    each -> out/<dst>. PPO's critic starts from the ORM (or the policy's trunk with --orm=false).
+    The reward is Satori's, unless score(policy, states, outs) -> [reward per sample] replaces it."""
     log, train = state["log"], state["train"]
     dev = get_device(cfg)
     policy, tok = load_stage(cfg, src)
@@ -609,6 +630,8 @@ def rl_train(cfg, state, src, dst, pool, temperature, group, steps):
             if ref is not None:
                 r.ref_logp = ppo.response_logprobs(ref, r, temperature)
         seq_r = [reward.satori_reward(c, s_orm, st, rcfg) for c, s_orm, st in zip(correct, orm, status)]
+        if score is not None:
+            seq_r = score(policy, [s for s in batch for _ in range(group)], outs)
         if cfg.rlsp_coef:       # RLSP: an exploration reward beside the verifier's, weighted by a schedule
             coef = reward.rlsp_coef(step, steps, cfg.rlsp_coef, cfg.rlsp_schedule)
             seq_r = [x + coef * reward.exploration_reward(tok.decode(o.tokens), cfg.rlsp_max_steps, coat=True)
@@ -621,10 +644,11 @@ def rl_train(cfg, state, src, dst, pool, temperature, group, steps):
         info = ppo.ppo_update(policy, opt, r, pcfg, critic, copt, temperature, cfg.micro_batch, gen, extra)
         t_train = time.time() - t1
         n_tok = int(r.mask.sum())
+        reflect = tok.tk.token_to_id("<|reflect|>")     # None before format tuning (the RLT teacher)
         m = {"stage": dst, "algo": cfg.algo, "step": step + 1, "reward": float(seq_r.mean()),
              "acc": sum(correct) / len(correct), "kl": info["approx_kl"], "entropy": info["entropy"],
              "clipfrac": info["clipfrac"], "value_loss": info.get("value_loss", 0.0), "resp_len": n_tok / len(outs),
-             "reflect_rate": sum(tok.reflect_id in o.tokens for o in outs) / len(outs), "prompts": len(batch),
+             "reflect_rate": sum(reflect in o.tokens for o in outs) / len(outs), "prompts": len(batch),
              "tok_s": n_tok / (t_gen + t_train), "gen_s": t_gen, "train_s": t_train}
         m.update({k: info[k] for k in ("kl_loss", "expo_logp") if k in info})
         more = f" prompts {len(batch)}" if pcfg.dynamic_sampling else ""
@@ -697,6 +721,115 @@ def stage_rl2(cfg, state):
     rl_train(cfg, state, "distilled", "rl_round2", pool, cfg.rl2_temperature, group, cfg.rl2_steps)
 
 
+# -----------------------------------------------------------------------------
+# RLT: a teacher that sees the answer learns to write explanations a frozen student learns from
+
+def rlt_solution(problem):
+    """What the RLT teacher is shown and the student must find likely: the final answer line."""
+    return f"The answer is \\boxed{{{problem['answer']}}}."
+
+
+def rlt_teacher_ids(tok, problem, full_prompt=False):
+    """The teacher's prompt: the question and its solution. full_prompt: RLT's instruction
+    (reward.rlt_teacher_prompt, for real models); else the question's own prompt with the solution
+    appended, as the built-in base model has only seen ~130 positions and RLT's prompt alone is ~190."""
+    if full_prompt:
+        return tok.encode(reward.rlt_teacher_prompt(problem["question"], rlt_solution(problem)))
+    return tok.encode_prompt(problem["question"] + "\nSolution: " + rlt_solution(problem))
+
+
+def rlt_rows(tok, problem, explanation, full_prompt=False):
+    """Token rows for RLT's reward, the explanation tokenised ONCE and placed in both contexts
+    (reward.py's RLT comment) -> (teacher prompt + <think>, student prompt, explanation ids,
+    the student's suffix ids, solution ids)."""
+    return (rlt_teacher_ids(tok, problem, full_prompt) + tok.encode("<think>"),
+            tok.encode(reward.RLT_STUDENT_PREFIX.format(question=problem["question"])), tok.encode(explanation),
+            tok.encode(reward.RLT_STUDENT_SUFFIX), tok.encode(rlt_solution(problem)))
+
+
+def rlt_scorer(cfg, tok, train, student, dev):
+    """score(teacher, states, outs) for rl_train: r_SS - lambda * r_KL (reward.rlt_reward) from the
+    frozen student's and the current teacher's log-probs; rlt_missing_tags_reward without
+    well-formed tags (or a response that never stopped)."""
+    def score(teacher, states, outs):
+        rewards = [cfg.rlt_missing_tags_reward] * len(outs)
+        rows = []
+        for i, (s, o) in enumerate(zip(states, outs)):
+            expl = reward.extract_explanation(tok.decode(o.tokens[:-1])) if o.finished else None
+            if expl is not None:
+                rows.append((i, *rlt_rows(tok, train[s.question_id], expl, cfg.rlt_full_prompt)))
+        if not rows:
+            return rewards
+        with torch.no_grad():
+            t = ppo.make_rollouts([tp for _, tp, _, e, _, _ in rows], [e for *_, e, _, _ in rows], tok.pad_id, dev)
+            t_lp = ppo.response_logprobs(teacher, t)
+            st = ppo.make_rollouts([sp for _, _, sp, *_ in rows], [e + suf + sol for *_, e, suf, sol in rows], tok.pad_id, dev)
+            s_lp = ppo.response_logprobs(student, st)
+        for k, (i, _, _, e, suf, sol) in enumerate(rows):
+            n, m = len(e), len(e) + len(suf)
+            rewards[i] = reward.rlt_reward(s_lp[k, m:m + len(sol)], s_lp[k, :n], t_lp[k, :n], cfg.rlt_lambda,
+                                           cfg.rlt_alpha)
+        return rewards
+    return score
+
+
+def stage_rlt(cfg, state):
+    """RLT on the built-in task (not in the default chain; --stages=rlt after pretrain):
+      1. the teacher (the base model) learns the format by SFT on (teacher prompt with the answer,
+         <think> reference steps </think>) -> out/rlt_warm;
+      2. GRPO on the RLT reward (frozen student = the base model) -> out/rlt_teacher;
+      3. the teacher explains rlt_distill_questions other training questions; the base model is
+         fine-tuned on question -> <think> explanation </think> answer (out/rlt_student), and,
+         with the same questions and steps, on question -> reference solution (out/plain_student);
+         both are evaluated greedily on the test set -> out/rlt_results.json."""
+    log, train, test = state["log"], state["train"], state["test"]
+    dev = get_device(cfg)
+    teacher, tok = load_stage(cfg, "base")
+    steps_only = lambda p: p["solution"].rsplit("\n", 1)[0]
+    qa = range(min(cfg.rlt_questions, len(train)))
+    warm = [(rlt_teacher_ids(tok, train[q], cfg.rlt_full_prompt), tok.encode("<think>" + steps_only(train[q]) + "</think>") + [tok.eos_id])
+            for q in qa]
+    sft_train(teacher, warm, sft_config(cfg, "rlt_warm"), log=log, name="rlt_warm")
+    save_stage(cfg, "rlt_warm", teacher, tok)
+    del teacher
+    pool = [rae.RestartState(q, rlt_teacher_ids(tok, train[q], cfg.rlt_full_prompt), 0) for q in qa]
+    student = load_stage(cfg, "base")[0].eval().requires_grad_(False)
+    rcfg = dataclasses.replace(cfg, algo="grpo", orm=False, grpo_kl=cfg.rlt_kl, actor_lr=cfg.rlt_lr,
+                               rl_max_new_tokens=cfg.rlt_max_new_tokens)
+    rl_train(rcfg, state, "rlt_warm", "rlt_teacher", pool, cfg.rlt_temperature, cfg.rlt_group, cfg.rlt_steps,
+             score=rlt_scorer(cfg, tok, train, student, dev))
+    del student
+    # 3. explanations for new questions -> two students, same questions and steps
+    teacher, _ = load_stage(cfg, "rlt_teacher")
+    qd = list(range(len(qa), min(len(qa) + cfg.rlt_distill_questions, len(train))))
+    prompts = [rlt_teacher_ids(tok, train[q], cfg.rlt_full_prompt) for q in qd]
+    sampler = Sampler(teacher, max_batch=cfg.gen_batch, max_seq_len=max(map(len, prompts)) + cfg.rlt_max_new_tokens)
+    outs = sampler.generate(prompts, cfg.rlt_max_new_tokens, temperature=cfg.rlt_temperature, stop_ids=tok.stop_ids,
+                            seed=cfg.seed + 7)
+    rlt_ex, plain_ex = [], []
+    for q, o in zip(qd, outs):
+        expl = reward.extract_explanation(tok.decode(o.tokens[:-1])) if o.finished else None
+        if expl is None:
+            continue
+        p = tok.encode_prompt(train[q]["question"])
+        rlt_ex.append((p, tok.encode("<think>" + expl + reward.RLT_STUDENT_SUFFIX + rlt_solution(train[q])) + [tok.eos_id]))
+        plain_ex.append((p, tok.encode(train[q]["solution"]) + [tok.eos_id]))
+    if not rlt_ex:
+        raise SystemExit(f"rlt: the teacher wrote no well-formed explanation for {len(qd)} questions")
+    log(f"rlt: {len(rlt_ex)} explanations with tags of {len(qd)} questions; two students, "
+        f"{cfg.rlt_student_steps} steps each")
+    results = {"n_examples": len(rlt_ex), "teacher_questions": len(qa)}
+    for name, ex in (("rlt_student", rlt_ex), ("plain_student", plain_ex)):
+        model, _ = load_stage(cfg, "base")
+        sft_train(model, ex, sft_config(cfg, "distill", max_steps=cfg.rlt_student_steps), log=log, name=name)
+        save_stage(cfg, name, model, tok)
+        m = evaluate(model, tok, test, max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.gen_batch)
+        results[name] = m["pass_at_1"]
+        log(f"rlt: {name} greedy pass@1 {m['pass_at_1']:.3f} on {m['n']} problems", stage="rlt", model=name, **m)
+    with open(os.path.join(cfg.out, "rlt_results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+
 EVAL_STAGES = ("base", "format_tuned", "rl_round1", "distilled", "rl_round2")
 TABLE = ("pass_at_1", "wrong_to_right", "right_to_wrong", "reflect_rate", "explore_rate", "grammar_ok",
          "boxed_rate", "mean_steps", "mean_length")
@@ -738,7 +871,9 @@ STAGES = {
     "distill": stage_distill,
     "rl2": stage_rl2,
     "eval": stage_eval,
+    "rlt": stage_rlt,            # not in the default chain (DEFAULT_STAGES)
 }
+DEFAULT_STAGES = ["pretrain", "synthesize", "sft", "orm", "rl", "distill", "rl2", "eval"]
 
 
 def log_metrics(state, m):
@@ -748,7 +883,7 @@ def log_metrics(state, m):
 
 def main(argv):
     cfg = parse_args(argv)
-    names = [s for s in cfg.stages.split(",") if s] or list(STAGES)
+    names = [s for s in cfg.stages.split(",") if s] or DEFAULT_STAGES
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise SystemExit(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")

@@ -28,8 +28,9 @@ def test_parse_args_types_and_errors():
 
 
 def test_stage_registry_and_unknown_stage(tmp_path):
-    names = list(train.STAGES)
+    names = train.DEFAULT_STAGES
     assert names[:3] == ["pretrain", "synthesize", "sft"] and names[-1] == "eval"
+    assert set(names) <= set(train.STAGES) and "rlt" in train.STAGES and "rlt" not in names
     with pytest.raises(SystemExit, match="unknown stage 'bogus'"):
         train.main([f"--out={tmp_path}", "--stages=bogus"])
 
