@@ -35,6 +35,14 @@ def _fsync(path):
         os.close(fd)
 
 
+def fsync_tree(path):
+    """fsync every file under path, then the directories: a rename after this is durable."""
+    for d, _, files in os.walk(path, topdown=False):
+        for f in files:
+            _fsync(os.path.join(d, f))
+        _fsync(d)
+
+
 def _write_tensors(tensors, path, metadata=None):
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata)
     _fsync(path)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -25,7 +26,9 @@ import torch
 
 import data
 import reward
-from model import ModelConfig, Transformer, num_params
+from model import ModelConfig, Transformer, load_config, num_params
+import checkpoint
+import parallel
 import ppo
 import rae
 from model import ValueModel
@@ -40,6 +43,11 @@ class Config:
     out: str = "out"              # everything of a run goes here
     seed: int = 0
     device: str = ""              # "" = cuda when available, else cpu
+    resume: bool = False          # skip the stages out/progress.json marks done, resume the current one
+    ckpt_every: int = 100         # SFT-like loops (pretrain, sft, orm, distill): steps between checkpoints
+    rl_ckpt_every: int = 5        # RL loops: steps between checkpoints
+    ckpt_keep: int = 2            # newest checkpoints kept per stage (a finished stage keeps its output only)
+    min_free_gb: float = 1.0      # refuse to start with less free disk under --out
     # a user's model / data instead of the built-in ones
     model: str = ""               # HF Qwen2 directory used as the base model (skips pretraining)
     data: str = ""                # JSONL of training questions ({"question","answer"} per line)
@@ -197,10 +205,12 @@ def parse_args(argv, cfg=None):
 # logging: every line to stdout, metrics also to out/metrics.jsonl
 
 def make_logger(out):
-    os.makedirs(out, exist_ok=True)
+    """log(msg, **metrics): rank 0 prints msg and appends metrics to out/metrics.jsonl; others say nothing."""
     path = os.path.join(out, "metrics.jsonl")
 
     def log(msg, **metrics):
+        if not parallel.is_main():
+            return
         print(msg, flush=True)
         if metrics:
             with open(path, "a") as f:
@@ -249,11 +259,35 @@ def load_stage(cfg, name):
     return model, Tokenizer.from_pretrained(path)
 
 
-def save_stage(cfg, name, model, tok):
+def save_stage(cfg, name, model, tok, files=None):
+    """Write out/<name> as a complete HF directory (+ files: {file name: text}), atomically (rank 0;
+    the others wait): a crash leaves either the old directory or the new one, never half of one."""
     path = stage_dir(cfg, name)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+    if parallel.is_main():
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for fname, text in (files or {}).items():
+            with open(os.path.join(tmp, fname), "w") as f:
+                f.write(text)
+        checkpoint.fsync_tree(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    parallel.barrier()
     return path
+
+
+def ckpt_dir(state, loop):
+    """out/ckpt/<stage>/<loop>: the checkpoints of one training loop of the running stage (main
+    removes out/ckpt/<stage> once the stage's output is written)."""
+    return os.path.join(state["out"], "ckpt", state["stage"], loop)
+
+
+def sft_kw(cfg, state, loop):
+    """Keyword arguments of sft_train / orm_train: logging, metrics, checkpoints of loop `loop`."""
+    return dict(log=state["log"], on_metrics=lambda d: log_metrics(state, d), name=loop,
+                ckpt_dir=ckpt_dir(state, loop), ckpt_every=cfg.ckpt_every, keep=cfg.ckpt_keep)
 
 
 def sft_config(cfg, prefix, **kw):
@@ -329,16 +363,17 @@ def score_responses(texts, problems, lengths=None):
 
 def evaluate(model, tok, problems, sampler=None, max_new_tokens=160, batch_size=64, return_texts=False):
     """Greedy (temperature 0) pass@1 on held-out problems plus COAT statistics (score_responses);
-    mean_length is in generated tokens (stop token included)."""
-    prompts = [tok.encode_prompt(p["question"]) for p in problems]
+    mean_length is in generated tokens (stop token included). Under torchrun every process answers
+    its share of the problems and every process gets the metrics of all of them."""
+    prompts = [tok.encode_prompt(p["question"]) for p in parallel.shard(problems)]
     if sampler is None:
         model.eval()
         longest = max(len(p) for p in prompts) + max_new_tokens
         sampler = Sampler(model, max_batch=batch_size, max_seq_len=longest)
-    outs = sampler.generate(prompts, max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids, seed=0)
+    outs = sampler.generate(prompts, max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids, seed=0) if prompts else []
     stop = set(tok.stop_ids)
-    texts = [tok.decode(o.tokens[:-1] if o.tokens and o.tokens[-1] in stop else o.tokens) for o in outs]
-    m = score_responses(texts, problems, [len(o.tokens) for o in outs])
+    texts = parallel.gather([tok.decode(o.tokens[:-1] if o.tokens and o.tokens[-1] in stop else o.tokens) for o in outs])
+    m = score_responses(texts, problems, parallel.gather([len(o.tokens) for o in outs]))
     return (m, texts) if return_texts else m
 
 
@@ -363,7 +398,7 @@ def stage_pretrain(cfg, state):
     log(f"pretrain: {num_params(model) / 1e6:.2f}M parameters, vocab {tok.vocab_size}, {len(train)} problems")
     examples = [(tok.encode_prompt(p["question"]), tok.encode(p["solution"]) + [tok.eos_id]) for p in train]
     scfg = sft_config(cfg, "pretrain", max_steps=cfg.pretrain_steps)
-    m = sft_train(model, examples, scfg, log=log, on_metrics=lambda d: log_metrics(state, d), name="pretrain")
+    m = sft_train(model, examples, scfg, **sft_kw(cfg, state, "pretrain"))
     path = save_stage(cfg, "base", model, tok)
     log(f"pretrain: {m['steps']} steps, {m['tokens']} tokens in {m['time_s']:.0f}s, loss {m['loss']:.4f} -> {path}",
         stage="pretrain", done=True, **{k: v for k, v in m.items() if k != "losses"})
@@ -381,9 +416,12 @@ def stage_synthesize(cfg, state):
     sampler = Sampler(model, max_batch=cfg.gen_batch, max_seq_len=longest + 2 * cfg.synth_max_new_tokens + 64)
     scfg = data.SynthConfig(n_samples=cfg.synth_samples, temperature=cfg.synth_temperature,
                             max_new_tokens=cfg.synth_max_new_tokens)
-    records = data.synthesize_coat(data.sampler_generator(sampler, tok.stop_ids), tok, problems, scfg,
-                                   seed=cfg.seed, log=log)
-    data.write_demos(demos_path(cfg), records)
+    records = data.synthesize_coat(data.sampler_generator(sampler, tok.stop_ids), tok, parallel.shard(problems),
+                                   scfg, seed=cfg.seed + 7919 * parallel.rank(), log=log)
+    records = parallel.gather(records)
+    if parallel.is_main():
+        data.write_demos(demos_path(cfg), records)
+    parallel.barrier()
     log(f"synthesize: {len(records)} demonstrations -> {demos_path(cfg)}", stage="synthesize",
         **dict(data.synthesize_stats(records)))
 
@@ -427,7 +465,7 @@ def stage_sft(cfg, state):
     # responses already end in the eos token text (data.synthesize_coat); add it where one does not
     examples = [demo_example(tok, d) for d in demos]
     log(f"sft: {len(examples)} COAT demonstrations from {path}")
-    m = sft_train(model, examples, sft_config(cfg, "sft"), log=log, on_metrics=lambda d: log_metrics(state, d))
+    m = sft_train(model, examples, sft_config(cfg, "sft"), **sft_kw(cfg, state, "sft"))
     out = save_stage(cfg, "format_tuned", model, tok)
     log(f"sft: loss {m['first_loss']:.4f} -> {m['loss']:.4f} in {m['time_s']:.0f}s -> {out}",
         stage="sft", done=True, **{k: v for k, v in m.items() if k != "losses"})
@@ -439,7 +477,7 @@ def stage_sft(cfg, state):
 def sample_and_grade(sampler, tok, problems, prompts, qids, n, temperature, max_new_tokens, seed, skip=None):
     """n samples of each prompt -> (completions, responses, correct) in prompt-major order. The graded
     text of a sample is everything after its question's own prompt (a restart prefix included):
-    skip[i] = tokens of prompts[i] that belong to that prefix-free prompt."""
+    skip[i] = tokens of prompts[i] that belong to that prefix-free prompt. Local to this process."""
     rep = [p for p in prompts for _ in range(n)]
     outs = sampler.generate(rep, max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed)
     stop = set(tok.stop_ids)
@@ -453,6 +491,15 @@ def sample_and_grade(sampler, tok, problems, prompts, qids, n, temperature, max_
     return outs, responses, correct
 
 
+def sample_all(sampler, tok, problems, prompts, qids, n, temperature, max_new_tokens, seed):
+    """sample_and_grade of every prompt, the prompts shared out over the processes ->
+    (responses, correct) of all of them on every process."""
+    mine = parallel.shard(list(range(len(prompts))))
+    _, responses, correct = sample_and_grade(sampler, tok, problems, [prompts[i] for i in mine], [qids[i] for i in mine],
+                                             n, temperature, max_new_tokens, seed + 7919 * parallel.rank())
+    return parallel.gather(responses), parallel.gather(correct)
+
+
 def stage_orm(cfg, state):
     """The format-tuned model samples rae_samples solutions of rae_questions training questions; the
     same samples give the ORM its (correct, incorrect) pairs and RAE its restart states
@@ -464,8 +511,8 @@ def stage_orm(cfg, state):
     K = cfg.rae_samples
     sampler = Sampler(policy, max_batch=cfg.rl_batch * K, max_seq_len=max(map(len, prompts)) + cfg.rl_max_new_tokens)
     t0 = time.time()
-    _, responses, correct = sample_and_grade(sampler, tok, train, prompts, qids, K, cfg.rae_temperature,
-                                             cfg.rl_max_new_tokens, cfg.seed)
+    responses, correct = sample_all(sampler, tok, train, prompts, qids, K, cfg.rae_temperature,
+                                    cfg.rl_max_new_tokens, cfg.seed)
     log(f"orm: {len(responses)} samples of {len(qids)} questions in {time.time() - t0:.0f}s, "
         f"{sum(correct) / len(correct):.3f} correct")
     per_q = [[(responses[i * K + j], correct[i * K + j]) for j in range(K)] for i in range(len(qids))]
@@ -474,21 +521,18 @@ def stage_orm(cfg, state):
         good = [r for r, ok in samples if ok]
         bad = [r for r, ok in samples if not ok]
         pairs += [(p, g, b) for g, b in zip(good, bad)]
-    out = stage_dir(cfg, "orm")
     orm = ValueModel.from_policy(policy)
     if pairs:
-        m = orm_train(orm, pairs, sft_config(cfg, "orm"), margin=cfg.orm_margin, log=log,
-                      on_metrics=lambda d: log_metrics(state, d))
+        m = orm_train(orm, pairs, sft_config(cfg, "orm"), margin=cfg.orm_margin,
+                      **{k: v for k, v in sft_kw(cfg, state, "orm").items() if k != "name"})
         log(f"orm: {len(pairs)} pairs, loss {m['loss']:.4f}", stage="orm", pairs=len(pairs), loss=m["loss"])
     else:
         log("orm: no question has both a correct and an incorrect sample; the ORM stays untrained")
-    orm.save_pretrained(out)
-    tok.save_pretrained(out)
     states, counts = rae.build_buffer(zip(qids, prompts, per_q), tok.coat_ids, tok.reflect_id,
                                       max_back=cfg.rae_max_back, seed=cfg.seed, stop_ids=tok.stop_ids)
-    with open(os.path.join(out, "rae.jsonl"), "w") as f:
-        for s in states:
-            f.write(json.dumps({"question_id": s.question_id, "prompt_ids": s.prompt_ids, "status": s.status}) + "\n")
+    buffer = "".join(json.dumps({"question_id": s.question_id, "prompt_ids": s.prompt_ids, "status": s.status}) + "\n"
+                     for s in states)
+    save_stage(cfg, "orm", orm, tok, files={"rae.jsonl": buffer})
     log(f"rae: {len(states)} restart states from {counts['kept']} questions "
         f"({counts['all_correct']} all correct, {counts['all_wrong']} all wrong dropped)", stage="rae", **counts)
 
@@ -526,15 +570,18 @@ def algo_config(cfg, group):
     raise SystemExit(f"--algo={cfg.algo}: expected one of {', '.join(ALGOS)}")
 
 
-def sample_groups(cfg, sampler, tok, train, pool, rng, n_prompts, group, temperature, seed, dynamic):
-    """n_prompts states drawn from pool, `group` samples each -> (states, outs, responses, correct).
-    dynamic (DAPO): groups whose samples are all right or all wrong are dropped and refilled with
-    new draws, up to cfg.dapo_max_refills times; the batch may come back short after that."""
+def sample_groups(cfg, sampler, tok, train, pool, first, rng, group, temperature, seed, dynamic):
+    """The states `first` (this process's prompts), `group` samples each -> (states, outs,
+    responses, correct). dynamic (DAPO): groups whose samples are all right or all wrong are dropped
+    and replaced by new draws from pool with rng, up to cfg.dapo_max_refills times; the batch may
+    come back short after that."""
     # a restart state's prefix after its question's own prompt is part of the graded response
     own_prompt = lambda s: len(tok.encode_prompt(train[s.question_id]["question"])) if s.status else len(s.prompt_ids)
     states, outs, responses, correct = [], [], [], []
+    draw = first
     for attempt in range(1 + (cfg.dapo_max_refills if dynamic else 0)):
-        draw = [pool[rng.randrange(len(pool))] for _ in range(n_prompts - len(states))]
+        if attempt:
+            draw = [pool[rng.randrange(len(pool))] for _ in range(len(first) - len(states))]
         o, resp, ok = sample_and_grade(sampler, tok, train, [s.prompt_ids for s in draw],
                                        [s.question_id for s in draw], group, temperature, cfg.rl_max_new_tokens,
                                        seed=seed + 1_000_003 * attempt, skip=[own_prompt(s) for s in draw])
@@ -546,7 +593,7 @@ def sample_groups(cfg, sampler, tok, train, pool, rng, n_prompts, group, tempera
                 outs += o[rows]
                 responses += resp[rows]
                 correct += ok[rows]
-        if len(states) == n_prompts:
+        if len(states) == len(first):
             break
     return states, outs, responses, correct
 
@@ -595,19 +642,38 @@ def rl_train(cfg, state, src, dst, pool, temperature, group, steps, score=None):
     if cfg.expo:
         longest = max(longest, max(len(tok.encode(reward.expo_prompt(train[s.question_id]["question"],
                                                                       train[s.question_id]["answer"]))) for s in pool))
-    sampler = Sampler(policy, max_batch=n_prompts * group, max_seq_len=longest + cfg.rl_max_new_tokens)
-    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    rank, world = parallel.rank(), parallel.world()
+    sampler = Sampler(policy, max_batch=n_prompts // world * group, max_seq_len=longest + cfg.rl_max_new_tokens)
+    # checkpoints: weights and optimizers; every random draw below is seeded by the step, so the
+    # step is all the position a resumed run needs
+    ckpt = ckpt_dir(state, dst)
+    models, opts = {"policy": policy, "critic": critic}, {"opt": opt, "copt": copt}
+    models, opts = {k: v for k, v in models.items() if v}, {k: v for k, v in opts.items() if v}
+    start = 0
+    if checkpoint.latest(ckpt):
+        meta = checkpoint.load(checkpoint.latest(ckpt), models, opts)
+        if (meta["stage"], meta["steps"]) != (dst, steps):
+            raise SystemExit(f"{ckpt}: a checkpoint of {meta['stage']} with {meta['steps']} steps, not {dst} with {steps}")
+        start = meta["step"]
+        log(f"{dst}: resumed from {checkpoint.latest(ckpt)} at step {start}/{steps}")
     t_start = time.time()
-    log(f"{dst}: {cfg.algo}, {steps} steps of {n_prompts} prompts x {group} samples, temperature {temperature}")
-    for step in range(steps):
+    log(f"{dst}: {cfg.algo}, {steps} steps of {n_prompts} prompts x {group} samples, temperature {temperature}"
+        + (f", {world} processes" if world > 1 else ""))
+    for step in range(start, steps):
         for o, base in ((opt, cfg.actor_lr), (copt, cfg.critic_lr)):
             for g in (o.param_groups if o else []):
                 g["lr"] = base * lr_at(step, steps, sched)
         t0 = time.time()
         policy.eval()
-        seed = cfg.seed * 100003 + step
-        batch, outs, responses, correct = sample_groups(cfg, sampler, tok, train, pool, rng, n_prompts, group,
+        # the step's global batch is the same on every process; each samples its own share of it
+        rng = random.Random(f"{cfg.seed}:{dst}:{step}")
+        first = parallel.shard([pool[rng.randrange(len(pool))] for _ in range(n_prompts)])
+        seed = cfg.seed * 100003 + step + 7919 * rank
+        batch, outs, responses, correct = sample_groups(cfg, sampler, tok, train, pool, first,
+                                                        random.Random(f"{cfg.seed}:{dst}:{step}:{rank}"), group,
                                                         temperature, seed, pcfg.dynamic_sampling)
+        n_keep = min(parallel.gather([len(batch)]))    # every process must train on as many rows
+        batch, outs, responses, correct = batch[:n_keep], outs[:n_keep * group], responses[:n_keep * group], correct[:n_keep * group]
         if not batch:
             log(f"{dst} step {step + 1}/{steps}: every group was all right or all wrong; no update")
             continue
@@ -641,24 +707,28 @@ def rl_train(cfg, state, src, dst, pool, temperature, group, steps, score=None):
         ppo.set_advantages(r, pcfg, seq_r, finished, critic, cfg.rl_max_new_tokens)
         t1 = time.time()
         policy.train()
+        gen = torch.Generator().manual_seed(seed)       # minibatch order
         info = ppo.ppo_update(policy, opt, r, pcfg, critic, copt, temperature, cfg.micro_batch, gen, extra)
         t_train = time.time() - t1
-        n_tok = int(r.mask.sum())
         reflect = tok.tk.token_to_id("<|reflect|>")     # None before format tuning (the RLT teacher)
-        m = {"stage": dst, "algo": cfg.algo, "step": step + 1, "reward": float(seq_r.mean()),
-             "acc": sum(correct) / len(correct), "kl": info["approx_kl"], "entropy": info["entropy"],
-             "clipfrac": info["clipfrac"], "value_loss": info.get("value_loss", 0.0), "resp_len": n_tok / len(outs),
-             "reflect_rate": sum(reflect in o.tokens for o in outs) / len(outs), "prompts": len(batch),
-             "tok_s": n_tok / (t_gen + t_train), "gen_s": t_gen, "train_s": t_train}
+        n, n_tok, r_sum, n_ok, n_reflect, n_prompt = parallel.all_sum(
+            [len(outs), int(r.mask.sum()), float(seq_r.sum()), sum(correct), sum(reflect in o.tokens for o in outs), len(batch)])
+        m = {"stage": dst, "algo": cfg.algo, "step": step + 1, "reward": r_sum / n, "acc": n_ok / n,
+             "kl": info["approx_kl"], "entropy": info["entropy"], "clipfrac": info["clipfrac"],
+             "value_loss": info.get("value_loss", 0.0), "resp_len": n_tok / n, "reflect_rate": n_reflect / n,
+             "prompts": n_prompt, "tok_s": n_tok / (t_gen + t_train), "gen_s": t_gen, "train_s": t_train}
         m.update({k: info[k] for k in ("kl_loss", "expo_logp") if k in info})
-        more = f" prompts {len(batch)}" if pcfg.dynamic_sampling else ""
+        more = f" prompts {n_prompt}" if pcfg.dynamic_sampling else ""
         if cfg.expo:
-            m["expo_rows"] = 0 if er is None else er.ids.shape[0]
+            m["expo_rows"] = parallel.all_sum(0 if er is None else er.ids.shape[0])
             more += f" expo {m['expo_rows']}"
         log(f"{dst} step {step + 1}/{steps} | reward {m['reward']:+.3f} acc {m['acc']:.3f} kl {m['kl']:.4f} "
             f"ent {m['entropy']:.3f} clip {m['clipfrac']:.3f} vloss {m['value_loss']:.4f} len {m['resp_len']:.0f} "
             f"reflect {m['reflect_rate']:.2f}{more} | {m['tok_s']:.0f} tok/s gen {t_gen:.1f}s train {t_train:.1f}s", **m)
-    log(f"{dst}: {steps} {cfg.algo} steps in {time.time() - t_start:.0f}s")
+        if (step + 1) % cfg.rl_ckpt_every == 0 or step + 1 == steps:
+            checkpoint.save(ckpt, f"step-{step + 1:08d}", models, opts, {"stage": dst, "step": step + 1, "steps": steps},
+                            keep=cfg.ckpt_keep)
+    log(f"{dst}: {steps - start} {cfg.algo} steps in {time.time() - t_start:.0f}s")
     save_stage(cfg, dst, policy, tok)
 
 
@@ -692,8 +762,8 @@ def stage_distill(cfg, state):
     prompts = [tok.encode_prompt(train[q]["question"]) for q in qids]
     K = cfg.distill_samples
     sampler = Sampler(policy, max_batch=cfg.rl_batch * K, max_seq_len=max(map(len, prompts)) + cfg.rl_max_new_tokens)
-    _, responses, correct = sample_and_grade(sampler, tok, train, prompts, qids, K, cfg.rl_temperature,
-                                             cfg.rl_max_new_tokens, cfg.seed + 1)
+    responses, correct = sample_all(sampler, tok, train, prompts, qids, K, cfg.rl_temperature,
+                                    cfg.rl_max_new_tokens, cfg.seed + 1)
     rate = [sum(correct[i * K:(i + 1) * K]) / K for i in range(len(qids))]
     solved = sorted((r, i) for i, r in enumerate(rate) if r > 0)
     keep = [i for _, i in solved[:max(1, int(len(solved) * cfg.distill_keep))]]
@@ -706,7 +776,7 @@ def stage_distill(cfg, state):
     base, btok = load_stage(cfg, "base")
     if btok.add_coat_tokens():
         base.resize_vocab(btok.vocab_size)
-    m = sft_train(base, examples, sft_config(cfg, "distill"), log=log, on_metrics=lambda d: log_metrics(state, d))
+    m = sft_train(base, examples, sft_config(cfg, "distill"), **sft_kw(cfg, state, "distill"))
     save_stage(cfg, "distilled", base, btok)
     log(f"distill: loss {m['first_loss']:.4f} -> {m['loss']:.4f}", stage="distill", loss=m["loss"])
 
@@ -789,7 +859,7 @@ def stage_rlt(cfg, state):
     qa = range(min(cfg.rlt_questions, len(train)))
     warm = [(rlt_teacher_ids(tok, train[q], cfg.rlt_full_prompt), tok.encode("<think>" + steps_only(train[q]) + "</think>") + [tok.eos_id])
             for q in qa]
-    sft_train(teacher, warm, sft_config(cfg, "rlt_warm"), log=log, name="rlt_warm")
+    sft_train(teacher, warm, sft_config(cfg, "rlt_warm"), **sft_kw(cfg, state, "rlt_warm"))
     save_stage(cfg, "rlt_warm", teacher, tok)
     del teacher
     pool = [rae.RestartState(q, rlt_teacher_ids(tok, train[q], cfg.rlt_full_prompt), 0) for q in qa]
@@ -804,11 +874,13 @@ def stage_rlt(cfg, state):
     qd = list(range(len(qa), min(len(qa) + cfg.rlt_distill_questions, len(train))))
     prompts = [rlt_teacher_ids(tok, train[q], cfg.rlt_full_prompt) for q in qd]
     sampler = Sampler(teacher, max_batch=cfg.gen_batch, max_seq_len=max(map(len, prompts)) + cfg.rlt_max_new_tokens)
-    outs = sampler.generate(prompts, cfg.rlt_max_new_tokens, temperature=cfg.rlt_temperature, stop_ids=tok.stop_ids,
-                            seed=cfg.seed + 7)
+    mine = parallel.shard(list(range(len(qd))))
+    outs = sampler.generate([prompts[i] for i in mine], cfg.rlt_max_new_tokens, temperature=cfg.rlt_temperature,
+                            stop_ids=tok.stop_ids, seed=cfg.seed + 7 + 7919 * parallel.rank())
+    texts = parallel.gather([tok.decode(o.tokens[:-1]) if o.finished else None for o in outs])
     rlt_ex, plain_ex = [], []
-    for q, o in zip(qd, outs):
-        expl = reward.extract_explanation(tok.decode(o.tokens[:-1])) if o.finished else None
+    for q, text in zip(qd, texts):
+        expl = reward.extract_explanation(text) if text is not None else None
         if expl is None:
             continue
         p = tok.encode_prompt(train[q]["question"])
@@ -821,13 +893,14 @@ def stage_rlt(cfg, state):
     results = {"n_examples": len(rlt_ex), "teacher_questions": len(qa)}
     for name, ex in (("rlt_student", rlt_ex), ("plain_student", plain_ex)):
         model, _ = load_stage(cfg, "base")
-        sft_train(model, ex, sft_config(cfg, "distill", max_steps=cfg.rlt_student_steps), log=log, name=name)
+        sft_train(model, ex, sft_config(cfg, "distill", max_steps=cfg.rlt_student_steps), **sft_kw(cfg, state, name))
         save_stage(cfg, name, model, tok)
         m = evaluate(model, tok, test, max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.gen_batch)
         results[name] = m["pass_at_1"]
         log(f"rlt: {name} greedy pass@1 {m['pass_at_1']:.3f} on {m['n']} problems", stage="rlt", model=name, **m)
-    with open(os.path.join(cfg.out, "rlt_results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if parallel.is_main():
+        with open(os.path.join(cfg.out, "rlt_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
 
 
 EVAL_STAGES = ("base", "format_tuned", "rl_round1", "distilled", "rl_round2")
@@ -851,6 +924,8 @@ def stage_eval(cfg, state):
         del model
     if not rows:
         raise SystemExit(f"eval: no stage model in {cfg.out} (looked for {', '.join(EVAL_STAGES)})")
+    if not parallel.is_main():
+        return
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump({"stages": rows}, f, indent=2)
     head = "| stage | " + " | ".join(TABLE) + " |"
@@ -877,29 +952,100 @@ DEFAULT_STAGES = ["pretrain", "synthesize", "sft", "orm", "rl", "distill", "rl2"
 
 
 def log_metrics(state, m):
+    if not parallel.is_main():
+        return
     with open(os.path.join(state["out"], "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"time": time.time(), **m}) + "\n")
 
 
+def check_config(cfg, names, world):
+    """Refuse, before any work, a config that cannot work, naming the option."""
+    bad = lambda msg: SystemExit(f"config: {msg}")
+    if cfg.algo not in ALGOS:
+        raise bad(f"--algo={cfg.algo}: expected one of {', '.join(ALGOS)}")
+    if cfg.rlsp_schedule not in ("constant", "linear_decay"):
+        raise bad(f"--rlsp_schedule={cfg.rlsp_schedule}: expected constant or linear_decay")
+    for group, what in ((1 if cfg.algo == "ppo" else cfg.group_size, "--group_size"),
+                        (cfg.rl2_samples if cfg.algo == "ppo" else cfg.group_size, "--rl2_samples")):
+        if cfg.rl_batch % (group * world):
+            raise bad(f"--rl_batch={cfg.rl_batch} must be a multiple of {what} ({group}) x processes ({world}), "
+                      "so that every process samples whole groups")
+    if cfg.rl_batch % cfg.minibatch_size or cfg.minibatch_size % world:
+        raise bad(f"--minibatch_size={cfg.minibatch_size} must divide --rl_batch={cfg.rl_batch} and be a multiple "
+                  f"of the number of processes ({world})")
+    if cfg.model:
+        mcfg, tok = load_config(cfg.model), Tokenizer.from_pretrained(cfg.model)
+        if tok.vocab_size > mcfg.vocab_size:
+            raise bad(f"--model={cfg.model}: the tokenizer has {tok.vocab_size} tokens, the model's embedding "
+                      f"{mcfg.vocab_size} rows")
+        positions = mcfg.max_position_embeddings
+    else:
+        positions = cfg.max_position_embeddings
+    # the longest sequence any stage makes: a COAT restart prompt (~ prompt + a response) + a response
+    need = max(cfg.eval_max_new_tokens, 2 * cfg.rl_max_new_tokens, 2 * cfg.synth_max_new_tokens + 64)
+    if need >= positions:
+        raise bad(f"generation budgets (eval_max_new_tokens, rl_max_new_tokens, synth_max_new_tokens) need "
+                  f"~{need} positions before the prompt; the model has max_position_embeddings={positions}")
+
+
+def run_signature(cfg):
+    """The options a resumed run must share with the run it continues."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("stages", "resume", "device")}
+
+
 def main(argv):
     cfg = parse_args(argv)
+    rank, world = parallel.init()
     names = [s for s in cfg.stages.split(",") if s] or DEFAULT_STAGES
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise SystemExit(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    check_config(cfg, names, world)
+    checkpoint.check_writable(cfg.out, cfg.min_free_gb * 2**30)
+    progress_path = os.path.join(cfg.out, "progress.json")
+    done = []
+    if cfg.resume and os.path.isfile(progress_path):
+        with open(progress_path) as f:
+            prev = json.load(f)
+        diff = sorted(k for k, v in run_signature(cfg).items() if json.dumps(prev["config"].get(k)) != json.dumps(v))
+        if diff:
+            raise SystemExit(f"--resume: {cfg.out} was run with other options: " +
+                             ", ".join(f"--{k}={prev['config'].get(k)} (now {getattr(cfg, k)})" for k in diff))
+        done = prev["done"]
+    elif rank == 0:      # a fresh run: checkpoints of an earlier run in this directory are stale
+        shutil.rmtree(os.path.join(cfg.out, "ckpt"), ignore_errors=True)
+    parallel.barrier()
     log = make_logger(cfg.out)
-    with open(os.path.join(cfg.out, "run_config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=2)
+    if rank == 0:
+        with open(os.path.join(cfg.out, "run_config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
     train, test = load_problems(cfg)
     state = {"log": log, "out": cfg.out, "train": train, "test": test}
     log(f"nanosatori: stages {','.join(names)}, {len(train)} train / {len(test)} test problems, "
-        f"device {get_device(cfg)}, out {cfg.out}")
+        f"device {get_device(cfg)}, {world} process{'es' * (world > 1)}, out {cfg.out}")
     for name in names:
+        if name in done:
+            log(f"stage {name}: done in an earlier run (--resume), skipped")
+            continue
+        # each stage seeds its own RNGs: a resumed run draws what an uninterrupted one would
+        seed = cfg.seed * 1000 + list(STAGES).index(name)
+        torch.manual_seed(seed)
+        random.seed(seed)
         t0 = time.time()
+        state["stage"] = name
         STAGES[name](cfg, state)
+        done.append(name)
+        if rank == 0:
+            tmp = progress_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"done": done, "config": run_signature(cfg)}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, progress_path)
+            shutil.rmtree(os.path.join(cfg.out, "ckpt", name), ignore_errors=True)   # its output is its checkpoint
+        parallel.barrier()
         log(f"stage {name} done in {time.time() - t0:.0f}s", stage=name, wall_s=time.time() - t0)
+    parallel.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+"""train.py survives a crash: a run SIGKILLed in the middle of a stage and resumed with --resume
+ends with weights bitwise equal to an uninterrupted run; a finished stage is not redone; resuming
+with other options is refused; configs that cannot work are refused before any work."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+import train
+from test_train import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RL = TINY + ["--rae_questions=4", "--rae_samples=2", "--rl_batch=4", "--minibatch_size=2", "--micro_batch=1",
+             "--rl_max_new_tokens=8", "--rl_steps=12", "--rl_ckpt_every=1", "--ckpt_every=1", "--min_free_gb=0"]
+
+
+def launch(out, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    return subprocess.Popen([sys.executable, "train.py", f"--out={out}", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(p):
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    return out
+
+
+def rl_steps_logged(out):
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = [json.loads(l) for l in f if l.strip().endswith("}")]
+    return max([l["step"] for l in lines if l.get("stage") == "rl_round1" and "reward" in l] or [0])
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A tiny base model and a 'format-tuned' copy of it with the COAT tokens."""
+    out = str(tmp_path_factory.mktemp("prep"))
+    train.main([f"--out={out}", "--stages=pretrain"] + RL)
+    from model import Transformer
+    from tokenizer import Tokenizer
+    m, tok = Transformer.from_pretrained(os.path.join(out, "base")), Tokenizer.from_pretrained(os.path.join(out, "base"))
+    tok.add_coat_tokens()
+    m.resize_vocab(tok.vocab_size)
+    m.save_pretrained(os.path.join(out, "format_tuned"))
+    tok.save_pretrained(os.path.join(out, "format_tuned"))
+    return out
+
+
+def copy_models(src, dst):
+    for d in ("base", "format_tuned"):
+        shutil.copytree(os.path.join(src, d), os.path.join(dst, d))
+
+
+def test_sigkill_mid_rl_then_resume_is_bitwise(prepared, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    copy_models(prepared, a)
+    copy_models(prepared, b)
+    finish(launch(a, "--stages=orm,rl", *RL))                  # uninterrupted
+
+    p = launch(b, "--stages=orm,rl", *RL)
+    t0 = time.time()
+    while rl_steps_logged(b) < 3:                               # kill it in the middle of RL
+        assert p.poll() is None, p.stdout.read()
+        assert time.time() - t0 < 240, "the run never reached RL step 3"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(b, "rl_round1"))    # the stage did not finish
+    ckpts = os.listdir(os.path.join(b, "ckpt", "rl", "rl_round1"))
+    assert any(c.startswith("step-") for c in ckpts)
+    assert json.load(open(os.path.join(b, "progress.json")))["done"] == ["orm"]
+
+    log = finish(launch(b, "--stages=orm,rl", "--resume=true", *RL))
+    assert "stage orm: done in an earlier run" in log and "rl_round1: resumed from" in log
+    wa = load_file(os.path.join(a, "rl_round1", "model.safetensors"))
+    wb = load_file(os.path.join(b, "rl_round1", "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].equal(wb[k]), k
+    assert not os.path.exists(os.path.join(b, "ckpt", "rl"))   # a finished stage keeps only its output
+
+    # resuming with other options is refused, naming them
+    with pytest.raises(SystemExit, match="--rl_steps=12 \\(now 13\\)"):
+        train.main([f"--out={b}", "--stages=orm,rl", "--resume=true"] + RL + ["--rl_steps=13"])
+
+
+def test_configs_that_cannot_work_are_refused(tmp_path):
+    out = str(tmp_path)
+    bad = [(["--algo=sgd"], "--algo=sgd"),
+           (["--algo=grpo", "--group_size=3"], "--rl_batch=64 must be a multiple of --group_size"),
+           (["--minibatch_size=48"], "--minibatch_size=48 must divide --rl_batch=64"),
+           (["--rl_max_new_tokens=600"], "max_position_embeddings=1024"),
+           (["--rlsp_schedule=cosine"], "--rlsp_schedule=cosine")]
+    for args, msg in bad:
+        with pytest.raises(SystemExit, match=msg):
+            train.main([f"--out={out}", "--stages=eval"] + args)
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))   # nothing ran
+    # a user's model whose tokenizer has more tokens than its embedding
+    from model import ModelConfig, Transformer
+    from tokenizer import build_task_tokenizer
+    tok = build_task_tokenizer(["Step 1: 1 + 1 = 2."] * 3, vocab_size=300)
+    Transformer(ModelConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1)).save_pretrained(str(tmp_path / "m"))
+    tok.save_pretrained(str(tmp_path / "m"))
+    with pytest.raises(SystemExit, match="the tokenizer has .* tokens, the model's embedding 100 rows"):
+        train.main([f"--out={out}", "--stages=eval", f"--model={tmp_path / 'm'}"])
+
+
+def test_unwritable_out_is_refused(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(SystemExit, match="not writable"):
+        train.main([f"--out={tmp_path / 'file' / 'run'}", "--stages=eval"])
+    with pytest.raises(SystemExit, match="GiB free, at least"):
+        train.main([f"--out={tmp_path / 'run'}", "--stages=eval", "--min_free_gb=1e9"])
