@@ -12,10 +12,13 @@ Conventions (every function below):
 Sections: config -> masked statistics -> rewards (KL, token rewards, DAPO overlong) -> advantages
 (GAE, GRPO / Dr. GRPO, dynamic sampling) -> losses (policy, value, aggregation).
 """
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+import parallel
 
 # -----------------------------------------------------------------------------
 # config
@@ -41,7 +44,7 @@ class PPOConfig:
     clip_high: Optional[float] = None  # upper clip eps (DAPO: 0.28); None = same as clip
     value_clip: Optional[float] = 0.2  # clip V around the rollout-time value (None = off)
     vf_coef: float = 0.5             # weight of the value loss when actor and critic share one loss
-    ent_coef: float = 0.0            # weight of the entropy bonus (loss -= ent_coef * entropy)
+    ent_coef: float = 0.0            # weight of the entropy bonus (loss -= ent_coef * entropy, aggregated like the loss)
     loss_agg: str = "token_mean"     # "token_mean" (PPO, DAPO) | "seq_mean" (GRPO) | "seq_sum_norm" (Dr. GRPO)
     max_len: Optional[int] = None    # constant divisor of "seq_sum_norm": the generation budget
     # optimisation (Satori stage 2)
@@ -51,7 +54,8 @@ class PPOConfig:
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0
     ppo_epochs: int = 1              # passes over each rollout batch
-    minibatch_size: int = 128        # sequences per optimizer step (Satori train batch)
+    minibatch_size: int = 128        # sequences per optimizer step over ALL ranks (Satori train batch)
+    max_bad_steps: int = 5           # non-finite optimizer steps in a row (each skipped) before ppo_update raises
 
 # -----------------------------------------------------------------------------
 # masked statistics
@@ -63,22 +67,32 @@ def masked_mean(x, mask, dim=None):
         return (x * mask).sum() / mask.sum().clamp(min=1.0)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
-def masked_var(x, mask, unbiased=True):
-    """Variance over masked entries. Unbiased (n-1), as TRL/OpenRLHF whitening does; 0 if n < 2."""
-    mask = mask.to(x.dtype)
-    n = mask.sum()
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def _masked_moments(x, mask, unbiased, all_ranks):
+    """(mean, variance) over the masked entries; all_ranks: over every rank's entries, with two
+    all_sums (the global sum and count, then the global sum of squared deviations), so the numbers
+    are those of one process holding all the rows. mask is already in x's dtype."""
+    s = torch.stack([(x * mask).sum(), mask.sum()])
+    total, n = parallel.all_sum(s) if all_ranks else s
+    mean = total / n.clamp(min=1.0)
+    sq = ((x - mean) ** 2 * mask).sum()
+    var = (parallel.all_sum(sq) if all_ranks else sq) / n.clamp(min=1.0)
     if unbiased:
         var = var * n / (n - 1) if n > 1 else torch.zeros_like(var)
-    return var
+    return mean, var
 
-def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
-    """(x - mean) / std over the masked entries of the whole tensor; padding -> 0.
+def masked_var(x, mask, unbiased=True, all_ranks=False):
+    """Variance over masked entries. Unbiased (n-1), as TRL/OpenRLHF whitening does; 0 if n < 2.
+    all_ranks=True: over the masked entries of every rank's x (a collective: all ranks must call)."""
+    return _masked_moments(x, mask.to(x.dtype), unbiased, all_ranks)[1]
+
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8, all_ranks=True):
+    """(x - mean) / std over the masked entries of the whole batch; padding -> 0.
     With shift_mean=False the mean is added back (only the scale changes), as for rewards.
-    std is the unbiased one, so the result has mean 0 and unbiased std 1 over the mask."""
+    std is the unbiased one, so the result has mean 0 and unbiased std 1 over the mask.
+    The whole batch is every rank's rows under torchrun (all_ranks, the default: a collective, so
+    every rank must call it); in one process all_ranks changes nothing."""
     mask = mask.to(x.dtype)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = _masked_moments(x, mask, True, all_ranks)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -319,7 +333,10 @@ def set_advantages(r: Rollouts, cfg: PPOConfig, seq_rewards, finished, critic=No
                      advantages whitened over the batch (cfg.whiten_advantages);
       grpo / drgrpo: one advantage per sample, its reward against its group's (group_advantages,
                      std-normalised for grpo only), on every token of the sample; no critic.
-    budget: the generation budget, for DAPO's overlong penalty (cfg.overlong_buffer > 0)."""
+    budget: the generation budget, for DAPO's overlong penalty (cfg.overlong_buffer > 0).
+    Under torchrun r is this rank's rows: the whitening statistics are those of every rank's tokens
+    (masked_whiten, a collective: call it on every rank), while a GRPO group lives on one rank and
+    needs nothing from the others."""
     if cfg.adv_estimator == "gae":
         if critic is None:
             raise ValueError("adv_estimator 'gae' needs a critic")
@@ -341,67 +358,135 @@ def set_advantages(r: Rollouts, cfg: PPOConfig, seq_rewards, finished, critic=No
     r.advantages = adv[:, None] * r.mask
 
 
-def _share(mask, mb_mask, agg):
-    """Weight of a micro-batch's aggregated loss in its minibatch, so that accumulating micro-batches
-    gives exactly the minibatch's loss for every aggregation."""
+def _minibatch_totals(mb_mask):
+    """[tokens, non-empty rows, rows] of the GLOBAL minibatch: this rank's part of it summed over
+    the ranks (one collective). In mb_mask's float dtype, so that _share divides as before."""
+    m = mb_mask.float() if not mb_mask.is_floating_point() else mb_mask
+    t = torch.stack([m.sum(), (m.sum(1) > 0).to(m.dtype).sum(), m.new_tensor(float(m.shape[0]))])
+    return parallel.all_sum(t)
+
+
+def _share(mask, totals, agg):
+    """Weight of a micro-batch's aggregated loss in its global minibatch (totals: _minibatch_totals),
+    so that accumulating micro-batches, and summing gradients over ranks, gives exactly the
+    minibatch's loss for every aggregation."""
     if agg == "token_mean":
-        return float(mask.sum() / mb_mask.sum().clamp(min=1))
+        return float(mask.sum() / totals[0].clamp(min=1))
     if agg == "seq_mean":
-        return float((mask.sum(1) > 0).sum() / (mb_mask.sum(1) > 0).sum().clamp(min=1))
-    return mask.shape[0] / mb_mask.shape[0]
+        return float((mask.sum(1) > 0).sum() / totals[1].clamp(min=1))
+    return mask.shape[0] / int(totals[2])
+
+
+def _check_ranks(B, cfg, extra_loss):
+    """Refuse, on every rank alike, a split of the rollouts that would give the ranks different
+    numbers of optimizer steps (a hang at the first collective otherwise).
+    -> (local minibatch size, number of ranks with an extra_loss)."""
+    world = parallel.world()
+    if cfg.minibatch_size % world:
+        raise ValueError(f"minibatch_size={cfg.minibatch_size} (rows per optimizer step over all ranks) is not "
+                         f"divisible by the world size {world}")
+    n, sq, n_extra = parallel.all_sum([B, B * B, int(extra_loss is not None)])
+    if n * n != world * sq:     # sum(B)^2 == world * sum(B^2) only when every B is the same
+        raise ValueError(f"ppo_update: the ranks hold different numbers of rollout rows ({B} here, {n} on "
+                         f"{world} ranks): each must hold B / world of them")
+    return cfg.minibatch_size // world, n_extra
 
 
 def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt=None, temperature=1.0,
-               micro_batch_size=16, generator=None, extra_loss=None):
+               micro_batch_size=16, generator=None, extra_loss=None, log=print):
     """cfg.ppo_epochs passes over the rollouts in minibatches of cfg.minibatch_size rows, each an
     optimizer step accumulated over micro-batches. r must hold old_logp, advantages and (with a
     critic) values and returns; ref_logp too when cfg.kl_loss_coef > 0. extra_loss(policy) ->
     (loss, metrics), when given, is added to every optimizer step's loss (ExPO's term).
-    Returns the mean of each metric over the steps."""
+    Under torchrun r is this rank's rows (the same number on every rank) and cfg.minibatch_size is
+    global: each rank steps through its rows minibatch_size // world at a time, losses are weighted
+    by global counts and gradients summed over ranks (parallel.sync_grads), so the step is that of
+    one process holding the global minibatch. extra_loss, computed by each rank on its own rows, is
+    divided by the world size, so the summed gradient is the mean over ranks of its gradient; a rank
+    with nothing to add passes None (it counts as a zero term) and its metrics are the mean over the
+    ranks that have it.
+    A step whose (global) loss or gradient norm is not finite is skipped with a warning (log, rank 0
+    only); cfg.max_bad_steps of them in a row raise RuntimeError.
+    Returns the mean of each (global) metric over the steps that were taken, and "skipped_steps"."""
     B = r.ids.shape[0]
-    hist = {}
+    local_mb, n_extra = _check_ranks(B, cfg, extra_loss)
+    world = parallel.world()
+    done, bad, in_a_row = [], [], 0
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=generator).to(r.ids.device)
-        for mb_idx in order.split(cfg.minibatch_size):
-            mb_mask = r.mask[mb_idx]
+        for mb_idx in order.split(local_mb):
+            totals = _minibatch_totals(r.mask[mb_idx])
             opt.zero_grad(set_to_none=True)
             if critic_opt is not None:
                 critic_opt.zero_grad(set_to_none=True)
             step = {}
             for idx in mb_idx.split(micro_batch_size):
                 m = r.select(idx)
-                w = _share(m.mask, mb_mask, cfg.loss_agg)        # weight of this micro-batch's loss
-                wt = _share(m.mask, mb_mask, "token_mean")      # weight of its token-mean metrics
+                w = _share(m.mask, totals, cfg.loss_agg)        # weight of this micro-batch's loss
+                wt = _share(m.mask, totals, "token_mean")      # weight of its token-mean metrics
                 logp, ent = response_logprobs(policy, m, temperature, with_entropy=True)
                 loss, info = policy_loss(logp, m.old_logp, m.advantages, m.mask, cfg.clip, cfg.clip_high,
                                          cfg.loss_agg, cfg.max_len)
                 info["entropy"] = masked_mean(ent.detach(), m.mask)
-                if cfg.ent_coef:
-                    loss = loss - cfg.ent_coef * info["entropy"]
+                losses = {}                                      # aggregated like the loss: weight w
+                if cfg.ent_coef:   # aggregated like the loss (and not detached: the bonus needs its gradient)
+                    loss = loss - cfg.ent_coef * aggregate_loss(ent, m.mask, cfg.loss_agg, cfg.max_len)
                 if cfg.kl_loss_coef:
                     kl = aggregate_loss(kl_penalty(logp, m.ref_logp, cfg.kl_estimator), m.mask, cfg.loss_agg, cfg.max_len)
-                    loss, info["kl_loss"] = loss + cfg.kl_loss_coef * kl, kl.detach()
+                    loss, losses["kl_loss"] = loss + cfg.kl_loss_coef * kl, kl.detach()
                 (loss * w).backward()
+                losses["policy_loss"] = loss.detach()
                 if critic is not None:
                     vloss, vinfo = value_loss(response_values(critic, m), m.values, m.returns, m.mask,
                                               cfg.value_clip, cfg.loss_agg, cfg.max_len)
                     (vloss * w).backward()
-                    info.update(vinfo, value_loss=vloss.detach())
-                for k, v in info.items():
-                    step[k] = step.get(k, 0.0) + wt * float(v)
-                step["policy_loss"] = step.get("policy_loss", 0.0) + w * float(loss.detach())
+                    info.update(vinfo)
+                    losses["value_loss"] = vloss.detach()
+                for share, metrics in ((wt, info), (w, losses)):
+                    for k, v in metrics.items():
+                        step[k] = step.get(k, 0.0) + share * float(v)
+            extra = {}
             if extra_loss is not None:
                 loss, info = extra_loss(policy)
-                loss.backward()
-                step.update({k: float(v) for k, v in info.items()})
+                (loss / world).backward()
+                extra = {k: float(v) for k, v in info.items()}
+            # every rank has the same keys in the same order (same config); the extra term's are only
+            # known to the ranks that have one
+            step = dict(zip(step, parallel.all_sum(list(step.values()))))
+            if n_extra:
+                parts = [p for p in parallel.gather([extra]) if p]
+                step.update({k: sum(p[k] for p in parts) / len(parts) for k in (parts[0] if parts else {})})
+            parallel.sync_grads(policy.parameters())
             step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
-            opt.step()
+            checked = [step["policy_loss"], step.get("value_loss", 0.0), step["grad_norm"]]
+            if critic is not None:
+                parallel.sync_grads(critic.parameters())
+                if critic_opt is not None:
+                    step["critic_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip))
+                    checked.append(step["critic_grad_norm"])
+            # global values after the sums: every rank takes the same decision
+            if all(math.isfinite(x) for x in checked):
+                opt.step()
+                if critic_opt is not None:
+                    critic_opt.step()
+                done.append(step)
+                in_a_row = 0
+                continue
+            opt.zero_grad(set_to_none=True)
             if critic_opt is not None:
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
-                critic_opt.step()
-            for k, v in step.items():
-                hist.setdefault(k, []).append(v)
-    return {k: sum(v) / len(v) for k, v in hist.items()}
+                critic_opt.zero_grad(set_to_none=True)
+            bad.append(step)
+            in_a_row += 1
+            if parallel.is_main():
+                log(f"ppo_update step {len(done) + len(bad)}: WARNING non-finite loss {step['policy_loss']}, value loss "
+                    f"{checked[1]} or grad norm {checked[2:]}: optimizer step skipped ({in_a_row} in a row)")
+            if in_a_row >= cfg.max_bad_steps:
+                raise RuntimeError(f"ppo_update: {in_a_row} non-finite optimizer steps in a row, aborting: check the "
+                                   "rewards and advantages or lower the lr (PPOConfig.max_bad_steps sets the limit)")
+    hist = done or bad      # when every step was skipped, their (non-finite) metrics say so
+    out = {k: sum(s[k] for s in hist) / len(hist) for k in (hist[0] if hist else {})}
+    out["skipped_steps"] = len(bad)
+    return out
 
 # -----------------------------------------------------------------------------
 # ExPO self-explanation term

@@ -1,8 +1,11 @@
-"""parallel.py and distributed sft: 2 CPU processes (gloo, launched by torchrun) against 1 process.
+"""parallel.py, distributed sft and the distributed PPO update: 2 CPU processes (gloo, launched by
+torchrun) against 1 process.
 
 This file is also the torchrun worker: `python -m torch.distributed.run ... tests/test_parallel.py OUT`
 runs the checks below on each rank and rank 0 writes the trained weights to OUT.
 """
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import parallel  # noqa: E402
+import ppo  # noqa: E402
 import sft  # noqa: E402
 from model import ModelConfig, Transformer, ValueModel  # noqa: E402
 
@@ -26,6 +30,87 @@ RUNS = {
     "one_row": (dict(lr=1e-3, max_steps=1, batch_tokens=8, row_len=8, grad_accum=2, warmup_frac=0.0), EXAMPLES),
     "orm": (dict(lr=1e-3, max_steps=1, batch_tokens=36, row_len=12, grad_accum=1, warmup_frac=0.0), PAIRS),
 }
+
+
+# PPO: one optimizer step (minibatch = the global batch) of policy and critic; each rank holds a
+# contiguous half of the rows, as it would after sampling its share of the prompts
+# run -> (loss_agg, ExPO term): None; "all": each rank its half of EXPO's rows (their mean over ranks
+# is the one-process term for seq_sum_norm); "rank0": only rank 0 has any (the first half), the
+# others pass None, and ppo_update's mean over ranks halves it: the one-process run uses beta / 2
+PPO_RUNS = {"token_mean": ("token_mean", None), "seq_mean": ("seq_mean", None),
+            "seq_sum_norm": ("seq_sum_norm", "all"), "expo_rank0": ("token_mean", "rank0")}
+PPO_B = 8
+EXPO = ([[1, 2], [3], [4, 5], [6]], [[7, 8, 9], [10], [11, 12], [13, 14]])
+# plain SGD: the step is linear in the gradient, so a wrong scale shows; AdamW's first step is about
+# lr * sign(grad), blind to scale and turning float noise on a near-zero gradient into a full step
+PPO_LR = 0.1
+
+
+def ppo_batch(policy):
+    """The global rollout batch (ragged, one empty response), the same in every process."""
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, 64, (2 + i % 4,), generator=g).tolist() for i in range(PPO_B)]
+    resp = [torch.randint(1, 64, (i * 3 % 7,), generator=g).tolist() for i in range(PPO_B)]
+    r = ppo.make_rollouts(prompts, resp, pad_id=0)
+    with torch.no_grad():
+        r.old_logp = ppo.response_logprobs(policy, r) + 0.2 * torch.randn(r.mask.shape, generator=g) * r.mask
+    r.ref_logp = r.old_logp - 0.1 * r.mask
+    return r, torch.randn(PPO_B, generator=g), torch.arange(PPO_B) % 3 > 0
+
+
+def rows(r, lo, hi):
+    """Rows lo:hi of every field (not trimmed, unlike Rollouts.select)."""
+    return ppo.Rollouts(*(None if x is None else x[lo:hi] for x in (getattr(r, f.name) for f in dataclasses.fields(r))))
+
+
+def expo_term(which, agg, max_len):
+    """The extra_loss of a PPO_RUNS entry on this rank (None: no term here)."""
+    if which == "all":
+        er = ppo.make_rollouts(parallel.shard(EXPO[0]), parallel.shard(EXPO[1]), 0)
+        return lambda m: ppo.expo_loss(m, er, 0.5, 1.0, agg, max_len)
+    if which == "rank0" and parallel.rank() == 0:
+        er = ppo.make_rollouts(EXPO[0][:2], EXPO[1][:2], 0)
+        return lambda m: ppo.expo_loss(m, er, 0.25 * parallel.world(), 1.0, agg, max_len)
+    return None
+
+
+def ppo_step(run):
+    """(policy, critic, whitened advantages of the global batch [B, T], metrics) after one ppo_update
+    in this process on its contiguous share of the rows."""
+    agg, expo = PPO_RUNS[run]
+    torch.manual_seed(0)
+    policy, critic = Transformer(CFG), ValueModel(CFG)
+    with torch.no_grad():
+        critic.score.weight.normal_(std=0.1)        # a non-zero head, so the trunk gets gradients too
+    r, seq_r, finished = ppo_batch(policy)
+    lo, hi = parallel.rank() * PPO_B // parallel.world(), (parallel.rank() + 1) * PPO_B // parallel.world()
+    mine = rows(r, lo, hi)
+    # grad_clip off: clipping to a norm would hide a wrong gradient scale
+    cfg = ppo.PPOConfig(loss_agg=agg, max_len=10, minibatch_size=PPO_B, kl_loss_coef=0.1, kl_estimator="k3",
+                        ent_coef=0.01, grad_clip=1e9)
+    ppo.set_advantages(mine, cfg, seq_r[lo:hi], finished[lo:hi], critic)       # whitened over all ranks
+    adv = torch.tensor(parallel.gather(mine.advantages.tolist()))
+    opt = torch.optim.SGD(policy.parameters(), lr=PPO_LR)
+    copt = torch.optim.SGD(critic.parameters(), lr=PPO_LR)
+    info = ppo.ppo_update(policy, opt, mine, cfg, critic, copt, micro_batch_size=3,
+                          generator=torch.Generator().manual_seed(1), extra_loss=expo_term(expo, agg, cfg.max_len))
+    sd = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+    return sd(policy), sd(critic), adv, info
+
+
+def ppo_refuses_uneven_splits():
+    """A split that would give the ranks different numbers of steps is refused on every rank (no hang)."""
+    torch.manual_seed(0)
+    policy = Transformer(CFG)
+    r = ppo_batch(policy)[0]
+    r.advantages = r.mask.clone()
+    for n_rows, mb, msg in ((4, 7, "minibatch_size=7"), (4 - parallel.rank(), 8, "different numbers of rollout rows")):
+        try:
+            ppo.ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), rows(r, 0, n_rows),
+                           ppo.PPOConfig(minibatch_size=mb))
+            raise AssertionError("ppo_update accepted an uneven split")
+        except ValueError as e:
+            assert msg in str(e) and ("world size 2" in str(e) or mb == 8), e
 
 
 def train(kind):
@@ -57,11 +142,18 @@ def worker(out):
     t = torch.tensor([1.0, rank])
     assert parallel.all_sum(t) is t and t.tolist() == [2.0, 1.0]
     results = {kind: train(kind) for kind in RUNS}
+    ppo_refuses_uneven_splits()
+    infos = {}
+    for run in PPO_RUNS:
+        policy, critic, adv, infos[run] = ppo_step(run)
+        results.update({f"ppo_{run}": policy, f"ppo_{run}_critic": critic, f"ppo_{run}_adv": {"adv": adv}})
     parallel.sync_grads = lambda params: None       # without the gradient sum the test must notice
     results["nosync"] = train("sft")
     if rank == 0:
         for kind, sd in results.items():
             save_file(sd, os.path.join(out, f"{kind}.safetensors"))
+        with open(os.path.join(out, "ppo_metrics.json"), "w") as f:
+            json.dump(infos, f)
     parallel.barrier()
     parallel.shutdown()
 
@@ -89,6 +181,18 @@ def test_two_processes_match_one(tmp_path):
         assert want.keys() == got.keys()
         for k in want:
             assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6), (kind, k, (got[k] - want[k]).abs().max())
+    infos = json.loads((tmp_path / "ppo_metrics.json").read_text())
+    for run in PPO_RUNS:
+        policy, critic, adv, info = ppo_step(run)
+        assert torch.allclose(load_file(tmp_path / f"ppo_{run}_adv.safetensors")["adv"], adv, rtol=0, atol=1e-6), run
+        for name, want in ((f"ppo_{run}", policy), (f"ppo_{run}_critic", critic)):
+            got = load_file(tmp_path / f"{name}.safetensors")
+            assert want.keys() == got.keys()
+            for k in want:
+                assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6), (name, k, (got[k] - want[k]).abs().max())
+        assert infos[run].keys() == info.keys() and info["skipped_steps"] == 0, (run, info)
+        for k in info:   # the metrics are global too
+            assert abs(infos[run][k] - info[k]) < 1e-5, (run, k, infos[run][k], info[k])
     # the comparison is sensitive: without summing gradients over ranks, rank 0's step differs
     got, want = load_file(tmp_path / "nosync.safetensors"), train("sft")
     assert max((got[k] - want[k]).abs().max().item() for k in want) > 5e-4

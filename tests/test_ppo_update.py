@@ -1,4 +1,7 @@
 """The PPO update over real model forwards: log-probs, accumulation, and learning on an easy reward."""
+import math
+
+import pytest
 import torch
 
 import ppo
@@ -32,14 +35,15 @@ def test_response_logprobs_and_values_match_full_forward():
         assert torch.all(lp[b, len(s):] == 0) and torch.all(vals[b, len(s):] == 0)
 
 
-def grads_after_update(micro, agg):
+def grads_after_update(micro, agg, **over):
     torch.manual_seed(0)
     m = Transformer(CFG)
     r, _, _ = rollouts(seed=1, B=8)
     with torch.no_grad():
         r.old_logp = ppo.response_logprobs(m, r) + 0.1 * torch.randn_like(r.mask) * r.mask
     r.advantages = torch.randn_like(r.mask) * r.mask
-    cfg = ppo.PPOConfig(minibatch_size=8, loss_agg=agg, max_len=10)
+    r.ref_logp = r.old_logp - 0.1 * r.mask
+    cfg = ppo.PPOConfig(minibatch_size=8, loss_agg=agg, max_len=10, **over)
     opt = torch.optim.SGD(m.parameters(), lr=0.0)   # lr 0: keep the grads, leave the weights
     info = ppo.ppo_update(m, opt, r, cfg, micro_batch_size=micro)
     return torch.cat([p.grad.flatten() for p in m.parameters()]), info
@@ -51,6 +55,54 @@ def test_micro_batch_accumulation_equals_one_batch():
         g3, i3 = grads_after_update(3, agg)
         assert torch.allclose(g1, g3, atol=1e-6), agg
         assert abs(i1["policy_loss"] - i3["policy_loss"]) < 1e-6 and abs(i1["clipfrac"] - i3["clipfrac"]) < 1e-6
+
+
+def test_entropy_bonus_and_kl_loss_accumulate_exactly():
+    """The entropy bonus has a gradient, and it and the KL term are aggregated like the loss, so
+    gradients and metrics do not depend on the micro-batch size for any aggregation."""
+    over = dict(ent_coef=0.05, kl_loss_coef=0.1, kl_estimator="k3")
+    for agg in ("token_mean", "seq_mean", "seq_sum_norm"):
+        g1, i1 = grads_after_update(8, agg, **over)
+        g3, i3 = grads_after_update(3, agg, **over)
+        assert torch.allclose(g1, g3, atol=1e-6), agg
+        assert all(abs(i1[k] - i3[k]) < 1e-6 for k in ("policy_loss", "kl_loss", "entropy")), (agg, i1, i3)
+        g0, _ = grads_after_update(8, agg, kl_loss_coef=0.1, kl_estimator="k3")
+        assert not torch.allclose(g0, g1, atol=1e-4), agg
+
+
+def nan_rows_update(bad_minibatches, max_bad_steps=5):
+    """ppo_update over 3 minibatches of 2 rows, with a nan advantage in the minibatches listed (an SGD
+    step each) -> (info, warnings, parameters before, parameters after)."""
+    torch.manual_seed(0)
+    m, v = Transformer(CFG), ValueModel(CFG)
+    r, _, _ = rollouts(seed=1, B=6)
+    with torch.no_grad():
+        r.old_logp = ppo.response_logprobs(m, r)
+        r.values = ppo.response_values(v, r)
+    r.advantages, r.returns = torch.randn_like(r.mask) * r.mask, torch.randn_like(r.mask) * r.mask
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(3))   # the update's shuffle
+    for i in bad_minibatches:
+        r.advantages[order[2 * i], 0] = float("nan")
+    cfg = ppo.PPOConfig(minibatch_size=2, max_bad_steps=max_bad_steps)
+    before = [p.detach().clone() for p in [*m.parameters(), *v.parameters()]]
+    said = []
+    info = ppo.ppo_update(m, torch.optim.SGD(m.parameters(), lr=0.1), r, cfg, v, torch.optim.SGD(v.parameters(), lr=0.1),
+                          generator=torch.Generator().manual_seed(3), log=said.append)
+    return info, said, before, [p.detach() for p in [*m.parameters(), *v.parameters()]]
+
+
+def test_non_finite_steps_are_skipped_and_abort_when_in_a_row():
+    info, said, before, after = nan_rows_update([])
+    assert info["skipped_steps"] == 0 and not said
+    info, said, before, after = nan_rows_update([0, 2], max_bad_steps=2)   # not in a row: no abort
+    assert info["skipped_steps"] == 2 and len(said) == 2 and "skipped" in said[0]
+    assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert all(math.isfinite(info[k]) for k in ("policy_loss", "value_loss", "grad_norm", "critic_grad_norm"))
+    info, said, before, after = nan_rows_update([0, 1, 2])   # every step skipped: weights untouched
+    assert info["skipped_steps"] == 3 and math.isnan(info["policy_loss"])
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    with pytest.raises(RuntimeError, match="2 non-finite optimizer steps in a row"):
+        nan_rows_update([1, 2], max_bad_steps=2)
 
 
 def test_tiny_rl_run_raises_a_learnable_reward():
