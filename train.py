@@ -965,8 +965,10 @@ def check_config(cfg, names, world):
         raise bad(f"--algo={cfg.algo}: expected one of {', '.join(ALGOS)}")
     if cfg.rlsp_schedule not in ("constant", "linear_decay"):
         raise bad(f"--rlsp_schedule={cfg.rlsp_schedule}: expected constant or linear_decay")
-    for group, what in ((1 if cfg.algo == "ppo" else cfg.group_size, "--group_size"),
-                        (cfg.rl2_samples if cfg.algo == "ppo" else cfg.group_size, "--rl2_samples")):
+    groups = {"rl": (1 if cfg.algo == "ppo" else cfg.group_size, "--group_size"),
+              "rl2": (cfg.rl2_samples, "--rl2_samples") if cfg.algo == "ppo" else (cfg.group_size, "--group_size"),
+              "rlt": (cfg.rlt_group, "--rlt_group")}
+    for group, what in (groups[n] for n in names if n in groups):
         if cfg.rl_batch % (group * world):
             raise bad(f"--rl_batch={cfg.rl_batch} must be a multiple of {what} ({group}) x processes ({world}), "
                       "so that every process samples whole groups")

@@ -98,13 +98,13 @@ def test_sigkill_mid_rl_then_resume_is_bitwise(prepared, tmp_path):
 def test_configs_that_cannot_work_are_refused(tmp_path):
     out = str(tmp_path)
     bad = [(["--algo=sgd"], "--algo=sgd"),
-           (["--algo=grpo", "--group_size=3"], "--rl_batch=64 must be a multiple of --group_size"),
+           (["--algo=grpo", "--group_size=3", "--stages=rl"], "--rl_batch=64 must be a multiple of --group_size"),
            (["--minibatch_size=48"], "--minibatch_size=48 must divide --rl_batch=64"),
            (["--rl_max_new_tokens=600"], "max_position_embeddings=1024"),
            (["--rlsp_schedule=cosine"], "--rlsp_schedule=cosine")]
     for args, msg in bad:
         with pytest.raises(SystemExit, match=msg):
-            train.main([f"--out={out}", "--stages=eval"] + args)
+            train.main([f"--out={out}", "--stages=eval"] + args)    # a later --stages wins
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))   # nothing ran
     # a user's model whose tokenizer has more tokens than its embedding
     from model import ModelConfig, Transformer
@@ -123,3 +123,29 @@ def test_unwritable_out_is_refused(tmp_path):
         train.main([f"--out={tmp_path / 'file' / 'run'}", "--stages=eval"])
     with pytest.raises(SystemExit, match="GiB free, at least"):
         train.main([f"--out={tmp_path / 'run'}", "--stages=eval", "--min_free_gb=1e9"])
+
+
+def test_torchrun_two_processes_run_the_stages(prepared, tmp_path):
+    """sft -> orm -> rl (PPO and GRPO) -> eval in 2 CPU processes (gloo): every stage finishes, rank 0
+    alone writes, and the sharded evaluation covers every test problem once."""
+    out = str(tmp_path / "run")
+    copy_models(prepared, out)
+    from test_train import BAD2, C, E, P, R, S1, S2, S3
+    demo = f"{S1}\n{C}{BAD2}\n{R}Let me check step 2.\n{E}{S2}\n{C}{S3}\n{C}The answer is \\boxed{{196}}.<|im_end|>"
+    os.makedirs(os.path.join(out, "synthesize"))
+    with open(os.path.join(out, "synthesize", "demos.jsonl"), "w") as f:
+        f.write(json.dumps({"question": P["question"], "answer": P["answer"], "response": demo}) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                     "train.py", f"--out={out}", *a, *RL], cwd=ROOT, env=env, capture_output=True,
+                                    text=True, timeout=300)
+    p = run("--stages=sft,orm,rl,eval")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "2 processes" in p.stdout and p.stdout.count("stage rl done") == 1     # rank 0 alone prints
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert [r["name"] for r in res["stages"]] == ["base", "format_tuned", "rl_round1"]
+    assert all(r["n"] == 4 for r in res["stages"])
+    steps = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"rl_round1"' in l and '"reward"' in l]
+    assert [s["step"] for s in steps] == list(range(1, 13))
+    p = run("--stages=rl,eval", "--algo=grpo", "--group_size=2")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
