@@ -62,7 +62,9 @@ class Config:
     task_max_value: int = 99      # with the model below: 0.695 greedy pass@1 after pretraining (seed 0)
     n_train: int = 20000
     n_test: int = 200
-    # the built-in base model (a small Qwen2)
+    # the built-in base model (a small Qwen2): the shipped one, or pretrained by stage pretrain
+    base: str = "assets/base"     # shipped base model, used when trained with this task/model/pretrain config;
+                                  # --base= pretrains one (assets/base/nanosatori.json says how it was made)
     vocab_size: int = 384         # BPE vocabulary of the task tokenizer (chat tokens included)
     hidden_size: int = 128        # 0.54M parameters: 2 layers learn this task faster per second than 4
     intermediate_size: int = 512
@@ -380,11 +382,33 @@ def evaluate(model, tok, problems, sampler=None, max_new_tokens=160, batch_size=
 # -----------------------------------------------------------------------------
 # stages: each is fn(cfg, state) with state = {"log", "train", "test"}; add one with one line in STAGES
 
+def shipped_base(cfg):
+    """The directory of the shipped base model if it was pretrained with this run's task, model and
+    pretraining options (its nanosatori.json), else None. The seed is not compared: a run's seed
+    varies the stages after the base (pretraining is seed-sensitive, see the README)."""
+    path = cfg.base if os.path.isabs(cfg.base) else os.path.join(os.path.dirname(os.path.abspath(__file__)), cfg.base)
+    meta = os.path.join(path, "nanosatori.json")
+    if not cfg.base or not os.path.isfile(meta):
+        return None
+    with open(meta) as f:
+        made = json.load(f)["options"]
+    mine = asdict(cfg)
+    return path if all(json.dumps(v) == json.dumps(mine[k]) for k, v in made.items() if k != "seed") else None
+
+
 def stage_pretrain(cfg, state):
-    """Tokenizer + small Qwen2 base model trained on (prompt, CoT solution + eos) -> out/base."""
+    """Tokenizer + small Qwen2 base model trained on (prompt, CoT solution + eos) -> out/base; or a
+    copy of the shipped base (--base) when it was made with the same options."""
     log = state["log"]
     if cfg.model:
         log(f"pretrain: --model given, {cfg.model} is the base model")
+        return
+    shipped = shipped_base(cfg)
+    if shipped:
+        model, tok = Transformer.from_pretrained(shipped), Tokenizer.from_pretrained(shipped)
+        save_stage(cfg, "base", model, tok)
+        log(f"pretrain: the shipped base {shipped} was made with these options; copied to {stage_dir(cfg, 'base')} "
+            f"(--base= pretrains a new one)")
         return
     torch.manual_seed(cfg.seed)
     train = state["train"]

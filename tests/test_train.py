@@ -168,3 +168,16 @@ def test_tiny_rl_stages(tmp_path):
         assert k in steps[0]
     res = json.load(open(os.path.join(out, "results.json")))
     assert [r["name"] for r in res["stages"]] == ["base", "format_tuned", "rl_round1"]
+
+
+def test_shipped_base_only_for_its_own_options(tmp_path):
+    """The default run copies assets/base (made with the default task/model/pretrain options, any
+    seed); other options, or --base=, pretrain a new base."""
+    assert train.shipped_base(Config()) is not None and train.shipped_base(Config(seed=5)) is not None
+    assert train.shipped_base(Config(task_max_value=50)) is None
+    assert train.shipped_base(Config(hidden_size=64)) is None and train.shipped_base(Config(base="")) is None
+    train.main([f"--out={tmp_path}", "--stages=pretrain"])
+    from safetensors.torch import load_file
+    shipped = load_file(os.path.join(train.shipped_base(Config()), "model.safetensors"))
+    copied = load_file(os.path.join(tmp_path, "base", "model.safetensors"))
+    assert all(shipped[k].equal(copied[k]) for k in shipped)
