@@ -1,11 +1,12 @@
 """Every --algo (PPO, GRPO, Dr. GRPO, DAPO) and the RLSP / ExPO add-ons through the same code path as
-train.rl_train (train.algo_config -> ppo.set_advantages -> ppo.ppo_update) on a tiny model whose
+rl.rl_train (rl.algo_config -> ppo.set_advantages -> ppo.ppo_update) on a tiny model whose
 reward is learnable in a few steps: each method's mean reward must rise."""
 import pytest
 import torch
 
 import ppo
 import reward
+import rl
 import train
 from model import ModelConfig, Transformer, ValueModel
 from rollout import Sampler
@@ -33,7 +34,7 @@ def run(algo, reward_fn=sevens, steps=12, lr=3e-3, expo_rows=None, **over):
     torch.manual_seed(0)
     cfg = train.Config(algo=algo, minibatch_size=16, ppo_epochs=2, rl_max_new_tokens=NEW, grpo_kl=0.01, **over)
     group = 1 if algo == "ppo" else GROUP
-    pcfg = train.algo_config(cfg, group)
+    pcfg = rl.algo_config(cfg, group)
     policy = Transformer(CFG)
     ref = Transformer(CFG).eval().requires_grad_(False)
     ref.load_state_dict(policy.state_dict())
@@ -68,7 +69,7 @@ def run(algo, reward_fn=sevens, steps=12, lr=3e-3, expo_rows=None, **over):
     return means, info
 
 
-@pytest.mark.parametrize("algo", train.ALGOS)
+@pytest.mark.parametrize("algo", rl.ALGOS)
 def test_each_algo_raises_a_learnable_reward(algo):
     means, info = run(algo)
     assert means[0] < 0.15 and sum(means[-3:]) / 3 > means[0] + 0.25, (algo, means)
@@ -77,7 +78,7 @@ def test_each_algo_raises_a_learnable_reward(algo):
 
 
 def test_algo_configs_differ_in_the_documented_lines():
-    c = lambda a: train.algo_config(train.Config(algo=a), 8)
+    c = lambda a: rl.algo_config(train.Config(algo=a), 8)
     assert c("ppo").adv_estimator == "gae" and c("ppo").whiten_advantages and c("ppo").kl_loss_coef == 0
     assert c("grpo").adv_estimator == "grpo" and c("grpo").loss_agg == "seq_mean" and c("grpo").kl_loss_coef == 0.04
     assert c("drgrpo").adv_estimator == "drgrpo" and c("drgrpo").loss_agg == "seq_sum_norm"
