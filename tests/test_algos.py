@@ -30,12 +30,16 @@ def as_text(tokens):
     return "".join(reward.META_TOKENS[0] if t == CONT else f"word{t} is next. " for t in tokens)
 
 
-def run(algo, reward_fn=sevens, steps=12, lr=3e-3, expo_rows=None, **over):
+def run(algo, reward_fn=sevens, steps=12, lr=3e-3, expo_rows=None, reward_for=None, **over):
+    """`steps` RL steps of `algo`; reward_fn(tokens) -> float, or reward_for(policy) -> reward_fn for a
+    reward that reads the policy being trained (RLT's teacher log-probs). -> (mean reward per step,
+    the last update's metrics)."""
     torch.manual_seed(0)
     cfg = train.Config(algo=algo, minibatch_size=16, ppo_epochs=2, rl_max_new_tokens=NEW, grpo_kl=0.01, **over)
     group = 1 if algo == "ppo" else GROUP
     pcfg = rl.algo_config(cfg, group)
     policy = Transformer(CFG)
+    reward_fn = reward_for(policy) if reward_for else reward_fn
     ref = Transformer(CFG).eval().requires_grad_(False)
     ref.load_state_dict(policy.state_dict())
     critic = ValueModel(CFG) if pcfg.adv_estimator == "gae" else None
@@ -126,3 +130,40 @@ def test_set_advantages_group_rewards_by_hand():
     assert torch.all(r.advantages[:2] == 0)
     with pytest.raises(ValueError, match="needs a critic"):
         ppo.set_advantages(r, ppo.PPOConfig(), seq, fin)
+
+
+def test_rlt_teacher_reward_is_learnable():
+    """RLT: a frozen student that has learned 'a 5 in the explanation leads to the solution 9 9';
+    the teacher (GRPO, reward.rlt_reward with lambda 3, its own log-probs conditioned on the
+    solution) learns to write explanations that make the solution likely for the student."""
+    import random
+    torch.manual_seed(1)
+    student, rng = Transformer(CFG), random.Random(0)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    for _ in range(150):
+        resp = []
+        for _ in range(32):
+            e = [rng.randrange(10, 30) for _ in range(rng.randrange(1, 6))]
+            if rng.random() < 0.5:
+                e[rng.randrange(len(e))] = 5
+            resp.append(e + ([9, 9] if 5 in e else [3, 3]))
+        r = ppo.make_rollouts([[1, 2]] * 32, resp, 0)
+        loss = -(ppo.response_logprobs(student, r) * r.mask).sum() / r.mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    student.eval().requires_grad_(False)
+    sol = [9, 9]
+
+    def reward_for(teacher):
+        def r(tokens):
+            expl = tokens or [0]
+            with torch.no_grad():   # the teacher sees the solution, the student does not
+                t = ppo.response_logprobs(teacher, ppo.make_rollouts([[1, 2] + sol], [expl], 0))[0, :len(expl)]
+                s = ppo.response_logprobs(student, ppo.make_rollouts([[1, 2]], [expl + sol], 0))[0]
+            n = len(expl)
+            return reward.rlt_reward(s[n:n + 2], s[:n], t, lam=3.0, alpha=0.01)
+        return r
+
+    means, _ = run("grpo", reward_for=reward_for, steps=12)
+    assert sum(means[-3:]) / 3 > means[0] + 2.0, means
