@@ -8,6 +8,7 @@ PPO (Satori), GRPO, Dr. GRPO and DAPO differ in algo_config and in ppo.set_advan
 an exploration reward, ExPO a likelihood term on self-explanations, RLT replaces the reward (score).
 train.py loads the models of a stage, calls rl_train and saves the result:  python train.py --stages=rl
 """
+import copy
 import random
 import time
 
@@ -121,7 +122,7 @@ def expo_rollouts(cfg, sampler, tok, train, states, correct, group, temperature,
 
 
 def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic=None, scorer=None, ref=None,
-             score=None, name="rl", log=print, ckpt_dir=None):
+             score=None, name="rl", log=None, ckpt_dir=None):
     """--algo (cfg.algo) on policy, in place: each step draws cfg.rl_batch // group prompts from `pool`
     (rae.RestartStates; question_id indexes `problems`), samples `group` responses of each,
     rewards them (Satori's reward: rule + sigmoid(scorer) + reflection bonus, + RLSP's exploration
@@ -129,8 +130,9 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
     into advantages (ppo.set_advantages: GAE over the critic for ppo, group baselines otherwise) and
     updates (ppo.ppo_update, + ExPO's term with cfg.expo). critic: for ppo; ref: the frozen start
     for a KL term. Under torchrun each process samples its share of every step's prompts.
-    ckpt_dir: resume from its newest checkpoint, save every cfg.rl_ckpt_every steps.
-    Returns the metrics of the last step."""
+    log(msg, **metrics): progress (default: print msg). ckpt_dir: resume from its newest checkpoint,
+    save every cfg.rl_ckpt_every steps. Returns the metrics of the last step."""
+    log = log or (lambda msg, **metrics: print(msg, flush=True))
     train, dst, dev = problems, name, next(policy.parameters()).device
     pcfg = algo_config(cfg, group)
     rcfg = reward.RewardConfig(use_orm=scorer is not None, reflect_bonus=cfg.reflect_bonus)
@@ -143,7 +145,12 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
         longest = max(longest, max(len(tok.encode(reward.expo_prompt(train[s.question_id]["question"],
                                                                       train[s.question_id]["answer"]))) for s in pool))
     rank, world = parallel.rank(), parallel.world()
-    sampler = Sampler(policy, max_batch=n_prompts // world * group, max_seq_len=longest + cfg.rl_max_new_tokens)
+    # on GPU the sampler decodes with a bf16 copy of the policy (half the bytes per decode step),
+    # refreshed after every update; its log-probs are then not the training model's, so the ratio's
+    # old log-probs are recomputed with the policy itself
+    dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": None, "bfloat16": torch.bfloat16}[cfg.sampler_dtype]
+    gen_model = policy if dtype is None else copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
+    sampler = Sampler(gen_model, max_batch=n_prompts // world * group, max_seq_len=longest + cfg.rl_max_new_tokens)
     # checkpoints: weights and optimizers; every random draw below is seeded by the step, so the
     # step is all the position a resumed run needs
     ckpt = ckpt_dir
@@ -188,6 +195,9 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
         r = ppo.make_rollouts(prompts, responses, tok.pad_id, dev)
         r.old_logp = torch.zeros_like(r.mask)
         r.old_logp[r.mask.bool()] = torch.tensor([lp for o in outs for lp in o.logprobs], device=dev)
+        if gen_model is not policy:
+            with torch.no_grad():
+                r.old_logp = ppo.response_logprobs(policy, r, temperature)
         with torch.no_grad():
             orm = [None] * len(outs)
             if scorer is not None:
@@ -209,6 +219,10 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
         policy.train()
         gen = torch.Generator().manual_seed(seed)       # minibatch order
         info = ppo.ppo_update(policy, opt, r, pcfg, critic, copt, temperature, cfg.micro_batch, gen, extra)
+        if gen_model is not policy:
+            with torch.no_grad():
+                for q, p in zip(gen_model.parameters(), policy.parameters()):
+                    q.copy_(p)
         t_train = time.time() - t1
         reflect = tok.tk.token_to_id("<|reflect|>")     # None before format tuning (the RLT teacher)
         n, n_tok, r_sum, n_ok, n_reflect, n_prompt = parallel.all_sum(

@@ -113,6 +113,7 @@ class Config:
     rl_batch: int = 64            # sampled responses per PPO step
     rl_temperature: float = 0.6   # Satori: 0.6 in round 1
     rl_max_new_tokens: int = 128
+    sampler_dtype: str = "auto"   # weights the RL sampler decodes with: auto = a bf16 copy on GPU, the policy on CPU
     actor_lr: float = 2e-4        # Satori: 2e-7 for 7B; a tiny model wants far more
     critic_lr: float = 5e-4
     gamma: float = 1.0
@@ -746,6 +747,8 @@ def check_config(cfg, names, world):
     bad = lambda msg: SystemExit(f"config: {msg}")
     if cfg.algo not in rl.ALGOS:
         raise bad(f"--algo={cfg.algo}: expected one of {', '.join(rl.ALGOS)}")
+    if cfg.sampler_dtype not in ("auto", "float32", "bfloat16"):
+        raise bad(f"--sampler_dtype={cfg.sampler_dtype}: expected auto, float32 or bfloat16")
     if cfg.rlsp_schedule not in ("constant", "linear_decay"):
         raise bad(f"--rlsp_schedule={cfg.rlsp_schedule}: expected constant or linear_decay")
     groups = {"rl": (1 if cfg.algo == "ppo" else cfg.group_size, "--group_size"),

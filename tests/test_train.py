@@ -168,6 +168,15 @@ def test_tiny_rl_stages(tmp_path):
         assert k in steps[0]
     res = json.load(open(os.path.join(out, "results.json")))
     assert [r["name"] for r in res["stages"]] == ["base", "format_tuned", "rl_round1"]
+    # the GPU path: the sampler decodes with a bf16 copy, refreshed after each update
+    import rl
+    from model import ValueModel
+    policy, tok = train.load_stage(train.parse_args([f"--out={out}"] + small), "rl_round1")
+    pool = train.plain_pool(train.parse_args(small), train.load_problems(train.parse_args(small))[0], tok)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    cfg = train.parse_args(small + ["--sampler_dtype=bfloat16", "--rl_steps=1"])
+    m = rl.rl_train(cfg, policy, tok, train.load_problems(cfg)[0], pool, 1.0, 1, 1, critic=ValueModel.from_policy(policy))
+    assert m["step"] == 1 and any(not v.equal(policy.state_dict()[k]) for k, v in before.items())
 
 
 def test_shipped_base_only_for_its_own_options(tmp_path):
