@@ -159,7 +159,7 @@ class Config:
     rlt_distill_questions: int = 512
     rlt_student_steps: int = 100
     # iterative self-improvement: distil the hardest solved questions into the base model, RL again
-    distill_questions: int = 256
+    distill_questions: int = 2048  # 256: ~300 responses, distilled 0.255 greedy pass@1; 2048: ~2300, 0.690 (seed 0)
     distill_samples: int = 4
     distill_keep: float = 0.5     # share of the solved questions kept, hardest first
     distill_lr: float = 1e-3
