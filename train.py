@@ -833,6 +833,8 @@ def main(argv):
             shutil.rmtree(os.path.join(cfg.out, "ckpt", name), ignore_errors=True)   # its output is its checkpoint
         parallel.barrier()
         log(f"stage {name} done in {time.time() - t0:.0f}s", stage=name, wall_s=time.time() - t0)
+    if rank == 0 and os.path.isdir(os.path.join(cfg.out, "ckpt")) and not os.listdir(os.path.join(cfg.out, "ckpt")):
+        os.rmdir(os.path.join(cfg.out, "ckpt"))     # every stage finished: nothing left to resume
     parallel.shutdown()
 
 
