@@ -35,10 +35,13 @@ def _fsync(path):
         os.close(fd)
 
 
-def fsync_tree(path):
-    """fsync every file under path, then the directories: a rename after this is durable."""
-    for d, _, files in os.walk(path, topdown=False):
-        for f in files:
+def fsync_tree(path, files=True):
+    """fsync every file under path (files=False: only the directory itself), then the directories:
+    a rename after this is durable."""
+    if not files:
+        return _fsync(path)
+    for d, _, names in os.walk(path, topdown=False):
+        for f in names:
             _fsync(os.path.join(d, f))
         _fsync(d)
 

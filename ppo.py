@@ -407,7 +407,8 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
     ranks that have it.
     A step whose (global) loss or gradient norm is not finite is skipped with a warning (log, rank 0
     only); cfg.max_bad_steps of them in a row raise RuntimeError.
-    Returns the mean of each (global) metric over the steps that were taken, and "skipped_steps"."""
+    Returns the mean of each (global) metric over the steps that were taken, "skipped_steps" and
+    "optimizer_steps" (taken + skipped)."""
     B = r.ids.shape[0]
     local_mb, n_extra = _check_ranks(B, cfg, extra_loss)
     world = parallel.world()
@@ -485,7 +486,7 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
                                    "rewards and advantages or lower the lr (PPOConfig.max_bad_steps sets the limit)")
     hist = done or bad      # when every step was skipped, their (non-finite) metrics say so
     out = {k: sum(s[k] for s in hist) / len(hist) for k in (hist[0] if hist else {})}
-    out["skipped_steps"] = len(bad)
+    out["skipped_steps"], out["optimizer_steps"] = len(bad), len(done) + len(bad)
     return out
 
 # -----------------------------------------------------------------------------

@@ -58,7 +58,8 @@ ALGOS = ("ppo", "grpo", "drgrpo", "dapo")
 def algo_config(cfg, group):
     """The PPOConfig of --algo: the only lines where PPO, GRPO, Dr. GRPO and DAPO differ."""
     common = dict(gamma=cfg.gamma, lam=cfg.lam, clip=cfg.clip_eps, ppo_epochs=cfg.ppo_epochs,
-                  minibatch_size=cfg.minibatch_size, grad_clip=cfg.clip, group_size=group)
+                  minibatch_size=cfg.minibatch_size, grad_clip=cfg.clip, group_size=group,
+                  reward_clip=cfg.reward_clip or None)
     if cfg.algo == "ppo":      # critic + GAE, advantages whitened over the batch, per-token KL reward
         return ppo.PPOConfig(adv_estimator="gae", value_clip=cfg.value_clip, kl_coef=cfg.kl_coef,
                              no_eos_penalty=cfg.no_eos_penalty, **common)
@@ -145,24 +146,24 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
         longest = max(longest, max(len(tok.encode(reward.expo_prompt(train[s.question_id]["question"],
                                                                       train[s.question_id]["answer"]))) for s in pool))
     rank, world = parallel.rank(), parallel.world()
+    # checkpoints: weights and optimizers; every random draw below is seeded by the step, so the
+    # step is all the position a resumed run needs
+    models, opts = {"policy": policy, "critic": critic}, {"opt": opt, "copt": copt}
+    models, opts = {k: v for k, v in models.items() if v}, {k: v for k, v in opts.items() if v}
+    start, m, bad = 0, {}, 0
+    last = checkpoint.latest(ckpt_dir) if ckpt_dir else None
+    if last:
+        meta = checkpoint.load(last, models, opts)
+        if (meta["stage"], meta["steps"]) != (dst, steps):
+            raise SystemExit(f"{last}: a checkpoint of {meta['stage']} with {meta['steps']} steps, not {dst} with {steps}")
+        start = meta["step"]
+        log(f"{dst}: resumed from {last} at step {start}/{steps}")
     # on GPU the sampler decodes with a bf16 copy of the policy (half the bytes per decode step),
     # refreshed after every update; its log-probs are then not the training model's, so the ratio's
     # old log-probs are recomputed with the policy itself
     dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": None, "bfloat16": torch.bfloat16}[cfg.sampler_dtype]
     gen_model = policy if dtype is None else copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
     sampler = Sampler(gen_model, max_batch=n_prompts // world * group, max_seq_len=longest + cfg.rl_max_new_tokens)
-    # checkpoints: weights and optimizers; every random draw below is seeded by the step, so the
-    # step is all the position a resumed run needs
-    ckpt = ckpt_dir
-    models, opts = {"policy": policy, "critic": critic}, {"opt": opt, "copt": copt}
-    models, opts = {k: v for k, v in models.items() if v}, {k: v for k, v in opts.items() if v}
-    start, m = 0, {}
-    if ckpt and checkpoint.latest(ckpt):
-        meta = checkpoint.load(checkpoint.latest(ckpt), models, opts)
-        if (meta["stage"], meta["steps"]) != (dst, steps):
-            raise SystemExit(f"{ckpt}: a checkpoint of {meta['stage']} with {meta['steps']} steps, not {dst} with {steps}")
-        start = meta["step"]
-        log(f"{dst}: resumed from {checkpoint.latest(ckpt)} at step {start}/{steps}")
     t_start = time.time()
     log(f"{dst}: {cfg.algo}, {steps} steps of {n_prompts} prompts x {group} samples, temperature {temperature}"
         + (f", {world} processes" if world > 1 else ""))
@@ -205,9 +206,10 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
                 orm = scorer(r.ids)[torch.arange(len(outs), device=dev), last].tolist()
             if ref is not None:
                 r.ref_logp = ppo.response_logprobs(ref, r, temperature)
-        seq_r = [reward.satori_reward(c, s_orm, st, rcfg) for c, s_orm, st in zip(correct, orm, status)]
         if score is not None:
             seq_r = score(policy, [s for s in batch for _ in range(group)], outs)
+        else:
+            seq_r = [reward.satori_reward(c, s_orm, st, rcfg) for c, s_orm, st in zip(correct, orm, status)]
         if cfg.rlsp_coef:       # RLSP: an exploration reward beside the verifier's, weighted by a schedule
             coef = reward.rlsp_coef(step, steps, cfg.rlsp_coef, cfg.rlsp_schedule)
             seq_r = [x + coef * reward.exploration_reward(tok.decode(o.tokens), cfg.rlsp_max_steps, coat=True)
@@ -218,7 +220,12 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
         t1 = time.time()
         policy.train()
         gen = torch.Generator().manual_seed(seed)       # minibatch order
-        info = ppo.ppo_update(policy, opt, r, pcfg, critic, copt, temperature, cfg.micro_batch, gen, extra)
+        info = ppo.ppo_update(policy, opt, r, pcfg, critic, copt, temperature, cfg.micro_batch, gen, extra, log=log)
+        # non-finite steps: ppo_update skips them; a run of updates with nothing but skips aborts
+        bad = bad + 1 if info["skipped_steps"] == info["optimizer_steps"] else 0
+        if bad >= pcfg.max_bad_steps:
+            raise RuntimeError(f"{dst}: {bad} RL steps in a row had only non-finite updates (steps "
+                               f"{step + 2 - bad}..{step + 1}), aborting: lower the learning rate or check the rewards")
         if gen_model is not policy:
             with torch.no_grad():
                 for q, p in zip(gen_model.parameters(), policy.parameters()):
@@ -230,7 +237,8 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
         m = {"stage": dst, "algo": cfg.algo, "step": step + 1, "reward": r_sum / n, "acc": n_ok / n,
              "kl": info["approx_kl"], "entropy": info["entropy"], "clipfrac": info["clipfrac"],
              "value_loss": info.get("value_loss", 0.0), "resp_len": n_tok / n, "reflect_rate": n_reflect / n,
-             "prompts": n_prompt, "tok_s": n_tok / (t_gen + t_train), "gen_s": t_gen, "train_s": t_train}
+             "prompts": n_prompt, "tok_s": n_tok / (t_gen + t_train), "gen_s": t_gen, "train_s": t_train,
+             "skipped_steps": info["skipped_steps"]}
         m.update({k: info[k] for k in ("kl_loss", "expo_logp") if k in info})
         more = f" prompts {n_prompt}" if pcfg.dynamic_sampling else ""
         if cfg.expo:
@@ -239,8 +247,8 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
         log(f"{dst} step {step + 1}/{steps} | reward {m['reward']:+.3f} acc {m['acc']:.3f} kl {m['kl']:.4f} "
             f"ent {m['entropy']:.3f} clip {m['clipfrac']:.3f} vloss {m['value_loss']:.4f} len {m['resp_len']:.0f} "
             f"reflect {m['reflect_rate']:.2f}{more} | {m['tok_s']:.0f} tok/s gen {t_gen:.1f}s train {t_train:.1f}s", **m)
-        if ckpt and ((step + 1) % cfg.rl_ckpt_every == 0 or step + 1 == steps):
-            checkpoint.save(ckpt, f"step-{step + 1:08d}", models, opts, {"stage": dst, "step": step + 1, "steps": steps},
+        if ckpt_dir and ((cfg.rl_ckpt_every > 0 and (step + 1) % cfg.rl_ckpt_every == 0) or step + 1 == steps):
+            checkpoint.save(ckpt_dir, f"step-{step + 1:08d}", models, opts, {"stage": dst, "step": step + 1, "steps": steps},
                             keep=cfg.ckpt_keep)
     log(f"{dst}: {steps - start} {cfg.algo} steps in {time.time() - t_start:.0f}s")
     return m

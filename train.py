@@ -126,6 +126,7 @@ class Config:
     minibatch_size: int = 32      # responses per optimizer step
     micro_batch: int = 16         # responses per forward/backward (gradient accumulation)
     no_eos_penalty: float = -1.0  # reward of a response that never stops
+    reward_clip: float = 10.0     # sequence rewards clipped to +-this (Satori: 10; 0 = off)
     reflect_bonus: float = 0.5    # RAE reflection bonus (Satori: 0.5)
     # the methods beside Satori's PPO (rl.algo_config; REFERENCE.md)
     algo: str = "ppo"             # ppo | grpo | drgrpo | dapo
@@ -258,6 +259,8 @@ def has_model(path):
 
 def load_stage(cfg, name):
     path = stage_dir(cfg, name)
+    if not has_model(path) and has_model(path + ".old"):    # save_stage crashed between its two renames
+        os.replace(path + ".old", path)
     if not has_model(path):
         raise SystemExit(f"{path}: no model there; run the stage that makes it first")
     model = Transformer.from_pretrained(path, device=get_device(cfg), dtype=torch.float32)
@@ -277,8 +280,13 @@ def save_stage(cfg, name, model, tok, files=None):
             with open(os.path.join(tmp, fname), "w") as f:
                 f.write(text)
         checkpoint.fsync_tree(tmp)
-        shutil.rmtree(path, ignore_errors=True)
+        old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(path):
+            os.replace(path, old)       # a crash from here on leaves old (restored by load_stage) or new
         os.replace(tmp, path)
+        checkpoint.fsync_tree(os.path.dirname(os.path.abspath(path)), files=False)
+        shutil.rmtree(old, ignore_errors=True)
     parallel.barrier()
     return path
 
@@ -371,7 +379,7 @@ def evaluate(model, tok, problems, sampler=None, max_new_tokens=160, batch_size=
     mean_length is in generated tokens (stop token included). Under torchrun every process answers
     its share of the problems and every process gets the metrics of all of them."""
     prompts = [tok.encode_prompt(p["question"]) for p in parallel.shard(problems)]
-    if sampler is None:
+    if sampler is None and prompts:     # a process may get no problem when there are fewer than processes
         model.eval()
         longest = max(len(p) for p in prompts) + max_new_tokens
         sampler = Sampler(model, max_batch=batch_size, max_seq_len=longest)
@@ -391,7 +399,7 @@ def shipped_base(cfg):
     varies the stages after the base (pretraining is seed-sensitive, see the README)."""
     path = cfg.base if os.path.isabs(cfg.base) else os.path.join(os.path.dirname(os.path.abspath(__file__)), cfg.base)
     meta = os.path.join(path, "nanosatori.json")
-    if not cfg.base or not os.path.isfile(meta):
+    if not cfg.base or cfg.data or not os.path.isfile(meta):    # a user's data needs its own base
         return None
     with open(meta) as f:
         made = json.load(f)["options"]
@@ -649,7 +657,7 @@ def stage_rlt(cfg, state):
     pool = [rae.RestartState(q, rl.rlt_teacher_ids(tok, train[q], cfg.rlt_full_prompt), 0) for q in qa]
     student = load_stage(cfg, "base")[0].eval().requires_grad_(False)
     rcfg = dataclasses.replace(cfg, algo="grpo", orm=False, grpo_kl=cfg.rlt_kl, actor_lr=cfg.rlt_lr,
-                               rl_max_new_tokens=cfg.rlt_max_new_tokens)
+                               rl_max_new_tokens=cfg.rlt_max_new_tokens, reward_clip=0.0)   # log-prob rewards: no clip
     run_rl(rcfg, state, "rlt_warm", "rlt_teacher", pool, cfg.rlt_temperature, cfg.rlt_group, cfg.rlt_steps,
            score=rl.rlt_scorer(cfg, tok, train, student, dev))
     del student
@@ -791,17 +799,29 @@ def main(argv):
     check_config(cfg, names, world)
     checkpoint.check_writable(cfg.out, cfg.min_free_gb * 2**30)
     progress_path = os.path.join(cfg.out, "progress.json")
+
+    def write_progress(done):
+        if rank == 0:
+            tmp = progress_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"done": done, "config": run_signature(cfg)}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, progress_path)
+
     done = []
-    if cfg.resume and os.path.isfile(progress_path):
-        with open(progress_path) as f:
-            prev = json.load(f)
-        diff = sorted(k for k, v in run_signature(cfg).items() if json.dumps(prev["config"].get(k)) != json.dumps(v))
-        if diff:
-            raise SystemExit(f"--resume: {cfg.out} was run with other options: " +
-                             ", ".join(f"--{k}={prev['config'].get(k)} (now {getattr(cfg, k)})" for k in diff))
-        done = prev["done"]
-    elif rank == 0:      # a fresh run: checkpoints of an earlier run in this directory are stale
+    if cfg.resume:       # continue the run in --out: its finished stages, its checkpoints
+        if os.path.isfile(progress_path):
+            with open(progress_path) as f:
+                prev = json.load(f)
+            diff = sorted(k for k, v in run_signature(cfg).items() if json.dumps(prev["config"].get(k)) != json.dumps(v))
+            if diff:
+                raise SystemExit(f"--resume: {cfg.out} was run with other options: " +
+                                 ", ".join(f"--{k}={prev['config'].get(k)} (now {getattr(cfg, k)})" for k in diff))
+            done = prev["done"]
+    elif rank == 0:      # a fresh run: the stages and checkpoints of an earlier run in --out are stale
         shutil.rmtree(os.path.join(cfg.out, "ckpt"), ignore_errors=True)
+        write_progress([])
     parallel.barrier()
     log = make_logger(cfg.out)
     if rank == 0:
@@ -823,13 +843,8 @@ def main(argv):
         state["stage"] = name
         STAGES[name](cfg, state)
         done.append(name)
+        write_progress(done)
         if rank == 0:
-            tmp = progress_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"done": done, "config": run_signature(cfg)}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, progress_path)
             shutil.rmtree(os.path.join(cfg.out, "ckpt", name), ignore_errors=True)   # its output is its checkpoint
         parallel.barrier()
         log(f"stage {name} done in {time.time() - t0:.0f}s", stage=name, wall_s=time.time() - t0)

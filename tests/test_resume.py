@@ -12,6 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+import rl
 import train
 from test_train import TINY
 
@@ -149,3 +150,24 @@ def test_torchrun_two_processes_run_the_stages(prepared, tmp_path):
     assert [s["step"] for s in steps] == list(range(1, 13))
     p = run("--stages=rl,eval", "--algo=grpo", "--group_size=2")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def test_resume_without_progress_keeps_checkpoints_and_stage_swap_recovers(prepared, tmp_path):
+    """A run that died in its first stage has no progress.json: --resume keeps its checkpoints (a
+    fresh run removes them). A crash between save_stage's two renames leaves <stage>.old, which
+    load_stage puts back."""
+    out = str(tmp_path / "run")
+    copy_models(prepared, out)
+    marker = os.path.join(out, "ckpt", "rl", "rl_round1", "keep")
+    os.makedirs(os.path.dirname(marker))
+    open(marker, "w").close()
+    train.main([f"--out={out}", "--stages=eval", "--resume=true"] + RL)
+    assert os.path.exists(marker)
+    train.main([f"--out={out}", "--stages=eval"] + RL)
+    assert not os.path.exists(marker)
+    os.replace(os.path.join(out, "format_tuned"), os.path.join(out, "format_tuned.old"))
+    cfg = train.parse_args([f"--out={out}"] + RL)
+    model, tok = train.load_stage(cfg, "format_tuned")
+    assert os.path.isdir(os.path.join(out, "format_tuned")) and not os.path.exists(os.path.join(out, "format_tuned.old"))
+    assert rl.algo_config(train.Config(reward_clip=0), 1).reward_clip is None
+    assert rl.algo_config(train.Config(), 1).reward_clip == 10.0

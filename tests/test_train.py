@@ -174,9 +174,12 @@ def test_tiny_rl_stages(tmp_path):
     policy, tok = train.load_stage(train.parse_args([f"--out={out}"] + small), "rl_round1")
     pool = train.plain_pool(train.parse_args(small), train.load_problems(train.parse_args(small))[0], tok)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    cfg = train.parse_args(small + ["--sampler_dtype=bfloat16", "--rl_steps=1"])
-    m = rl.rl_train(cfg, policy, tok, train.load_problems(cfg)[0], pool, 1.0, 1, 1, critic=ValueModel.from_policy(policy))
-    assert m["step"] == 1 and any(not v.equal(policy.state_dict()[k]) for k, v in before.items())
+    cfg = train.parse_args(small + ["--sampler_dtype=bfloat16", "--rl_steps=1", "--rl_ckpt_every=0"])
+    m = rl.rl_train(cfg, policy, tok, train.load_problems(cfg)[0], pool, 1.0, 1, 1, critic=ValueModel.from_policy(policy),
+                    ckpt_dir=os.path.join(out, "ck"))
+    assert m["step"] == 1 and m["skipped_steps"] == 0
+    assert any(not v.equal(policy.state_dict()[k]) for k, v in before.items())
+    assert os.listdir(os.path.join(out, "ck")) == ["step-00000001"]      # rl_ckpt_every=0: at the end only
 
 
 def test_shipped_base_only_for_its_own_options(tmp_path):
