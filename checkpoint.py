@@ -188,6 +188,21 @@ def load(path, models, optimizers, generators=None):
     return rec["meta"]
 
 
+def resume(root, models, optimizers, stage, steps, log=print):
+    """Restore the newest checkpoint under root, if any, into models and optimizers (and this rank's
+    RNG) -> its meta, or None when there is none. A training loop saves meta with "stage", "step"
+    and "steps"; a checkpoint of another stage or run length is refused (other data or options)."""
+    path = latest(root) if root else None
+    if path is None:
+        return None
+    meta = load(path, models, optimizers)
+    if (meta.get("stage"), meta.get("steps")) != (stage, steps):
+        raise ValueError(f"{path}: checkpoint of stage {meta.get('stage')!r} with {meta.get('steps')} steps, but this run "
+                         f"is {stage!r} with {steps} steps (other data or config?): use another checkpoint directory")
+    log(f"{stage}: resumed from {path} at step {meta['step']}/{steps}")
+    return meta
+
+
 def check_writable(dir, min_free_bytes=0):
     """Fail now, not after hours of training: `dir` must be creatable, writable and have room."""
     try:

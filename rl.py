@@ -150,14 +150,8 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
     # step is all the position a resumed run needs
     models, opts = {"policy": policy, "critic": critic}, {"opt": opt, "copt": copt}
     models, opts = {k: v for k, v in models.items() if v}, {k: v for k, v in opts.items() if v}
-    start, m, bad = 0, {}, 0
-    last = checkpoint.latest(ckpt_dir) if ckpt_dir else None
-    if last:
-        meta = checkpoint.load(last, models, opts)
-        if (meta["stage"], meta["steps"]) != (dst, steps):
-            raise SystemExit(f"{last}: a checkpoint of {meta['stage']} with {meta['steps']} steps, not {dst} with {steps}")
-        start = meta["step"]
-        log(f"{dst}: resumed from {last} at step {start}/{steps}")
+    meta = checkpoint.resume(ckpt_dir, models, opts, dst, steps, log)
+    start, m, bad = meta["step"] if meta else 0, {}, 0
     # on GPU the sampler decodes with a bf16 copy of the policy (half the bytes per decode step),
     # refreshed after every update; its log-probs are then not the training model's, so the ratio's
     # old log-probs are recomputed with the policy itself

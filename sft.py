@@ -213,21 +213,6 @@ def _fmt_time(s):
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def _resume(ckpt_dir, model, opt, run, log):
-    """`run` (the loop's state) as saved in the newest checkpoint of ckpt_dir, with the model, the
-    optimizer and the RNG restored; `run` itself when there is none. The plan is rebuilt from the
-    seed, so the step is all the data position needed."""
-    path = checkpoint.latest(ckpt_dir)
-    if path is None:
-        return run
-    meta = checkpoint.load(path, {"model": model}, {"opt": opt})
-    if (meta.get("stage"), meta.get("steps")) != (run["stage"], run["steps"]):
-        raise ValueError(f"{path}: checkpoint of stage {meta.get('stage')!r} with {meta.get('steps')} steps, but this run "
-                         f"is {run['stage']!r} with {run['steps']} steps (other data or config?): use another checkpoint directory")
-    log(f"{run['stage']}: resumed from {path} at step {meta['step']}/{run['steps']}")
-    return {**run, **meta}
-
-
 def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=None, name="sft",
                ckpt_dir=None, ckpt_every=0, keep=2):
     """AdamW + warm-up/cosine + grad clipping + accumulation over packed micro-batches.
@@ -269,7 +254,8 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
     if ckpt_dir:
         # fail before training, not at the first save: room for weights + two AdamW moments
         checkpoint.check_writable(ckpt_dir, 3 * sum(p.numel() * p.element_size() for p in params))
-        run = _resume(ckpt_dir, model, opt, run, say)
+        # the plan is rebuilt from the seed, so the step is all the data position needed
+        run = {**run, **(checkpoint.resume(ckpt_dir, {"model": model}, {"opt": opt}, name, steps, say) or {})}
     start, losses, tokens = run["step"], run["losses"], run["tokens"]
     model.train()
     window, extra_sum, extra_n = [], {}, 0

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import rl
 import train
-from test_train import TINY
+from test_train import TINY, pretrain_and_fake_format_tuned
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RL = TINY + ["--rae_questions=4", "--rae_samples=2", "--rl_batch=4", "--minibatch_size=2", "--micro_batch=1",
@@ -46,14 +46,7 @@ def rl_steps_logged(out):
 def prepared(tmp_path_factory):
     """A tiny base model and a 'format-tuned' copy of it with the COAT tokens."""
     out = str(tmp_path_factory.mktemp("prep"))
-    train.main([f"--out={out}", "--stages=pretrain"] + RL)
-    from model import Transformer
-    from tokenizer import Tokenizer
-    m, tok = Transformer.from_pretrained(os.path.join(out, "base")), Tokenizer.from_pretrained(os.path.join(out, "base"))
-    tok.add_coat_tokens()
-    m.resize_vocab(tok.vocab_size)
-    m.save_pretrained(os.path.join(out, "format_tuned"))
-    tok.save_pretrained(os.path.join(out, "format_tuned"))
+    pretrain_and_fake_format_tuned(out, RL)
     return out
 
 

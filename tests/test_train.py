@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-import torch
 
 import data
 import train
@@ -141,14 +140,9 @@ def test_tiny_chain(tmp_path):
     assert any(l.get("stage") == "eval" and l.get("model") == "format_tuned" for l in lines)
 
 
-def test_tiny_rl_stages(tmp_path):
-    """orm -> rl -> eval on a toy scale: the ORM, the RAE buffer file, a PPO round with its progress
-    metrics, and rl_round1 in results.json. (An untrained model may have no right answer, so the RAE
-    buffer may be empty: rl then falls back to the plain questions.)"""
-    out = str(tmp_path)
-    small = TINY + ["--rae_questions=4", "--rae_samples=2", "--rl_batch=4", "--minibatch_size=2",
-                    "--micro_batch=1", "--rl_max_new_tokens=8", "--rl_steps=2"]
-    train.main([f"--out={out}", "--stages=pretrain"] + small)
+def pretrain_and_fake_format_tuned(out, args):
+    """out/base pretrained with args, and out/format_tuned: the base with the COAT tokens added."""
+    train.main([f"--out={out}", "--stages=pretrain"] + args)
     from model import Transformer
     from tokenizer import Tokenizer
     m, tok = Transformer.from_pretrained(os.path.join(out, "base")), Tokenizer.from_pretrained(os.path.join(out, "base"))
@@ -156,6 +150,16 @@ def test_tiny_rl_stages(tmp_path):
     m.resize_vocab(tok.vocab_size)
     m.save_pretrained(os.path.join(out, "format_tuned"))
     tok.save_pretrained(os.path.join(out, "format_tuned"))
+
+
+def test_tiny_rl_stages(tmp_path):
+    """orm -> rl -> eval on a toy scale: the ORM, the RAE buffer file, a PPO round with its progress
+    metrics, and rl_round1 in results.json. (An untrained model may have no right answer, so the RAE
+    buffer may be empty: rl then falls back to the plain questions.)"""
+    out = str(tmp_path)
+    small = TINY + ["--rae_questions=4", "--rae_samples=2", "--rl_batch=4", "--minibatch_size=2",
+                    "--micro_batch=1", "--rl_max_new_tokens=8", "--rl_steps=2"]
+    pretrain_and_fake_format_tuned(out, small)
     train.main([f"--out={out}", "--stages=orm,rl,eval"] + small)
     assert os.path.isfile(os.path.join(out, "orm", "model.safetensors"))
     assert os.path.isfile(os.path.join(out, "orm", "rae.jsonl"))
