@@ -573,6 +573,16 @@ def run_rl(cfg, state, src, dst, pool, temperature, group, steps, score=None):
     save_stage(cfg, dst, policy, tok)
 
 
+def rl_group(cfg, stage):
+    """(samples per prompt, the option that sets it) of an RL stage: PPO round 1 samples each prompt
+    once, round 2 rl2_samples times; the GRPO family group_size times; the RLT teacher rlt_group."""
+    if stage == "rlt":
+        return cfg.rlt_group, "--rlt_group"
+    if cfg.algo != "ppo":
+        return cfg.group_size, "--group_size"
+    return (1, "--algo") if stage == "rl" else (cfg.rl2_samples, "--rl2_samples")
+
+
 def stage_rl(cfg, state):
     """RL round 1: PPO from the format-tuned model with Restart-and-Explore states (or the plain
     questions with --rae=false) -> out/rl_round1."""
@@ -583,7 +593,7 @@ def stage_rl(cfg, state):
         if cfg.rae:
             state["log"]("rl: the RAE buffer is empty; training on the plain questions")
         pool = plain_pool(cfg, train, tok)
-    group = 1 if cfg.algo == "ppo" else cfg.group_size
+    group, _ = rl_group(cfg, "rl")
     run_rl(cfg, state, "format_tuned", "rl_round1", pool, cfg.rl_temperature, group, cfg.rl_steps)
 
 
@@ -628,7 +638,7 @@ def stage_rl2(cfg, state):
     train = state["train"]
     tok = Tokenizer.from_pretrained(stage_dir(cfg, "distilled"))
     pool = plain_pool(cfg, train, tok)
-    group = cfg.rl2_samples if cfg.algo == "ppo" else cfg.group_size
+    group, _ = rl_group(cfg, "rl2")
     run_rl(cfg, state, "distilled", "rl_round2", pool, cfg.rl2_temperature, group, cfg.rl2_steps)
 
 
@@ -658,7 +668,7 @@ def stage_rlt(cfg, state):
     student = load_stage(cfg, "base")[0].eval().requires_grad_(False)
     rcfg = dataclasses.replace(cfg, algo="grpo", orm=False, grpo_kl=cfg.rlt_kl, actor_lr=cfg.rlt_lr,
                                rl_max_new_tokens=cfg.rlt_max_new_tokens, reward_clip=0.0)   # log-prob rewards: no clip
-    run_rl(rcfg, state, "rlt_warm", "rlt_teacher", pool, cfg.rlt_temperature, cfg.rlt_group, cfg.rlt_steps,
+    run_rl(rcfg, state, "rlt_warm", "rlt_teacher", pool, cfg.rlt_temperature, rl_group(cfg, "rlt")[0], cfg.rlt_steps,
            score=rl.rlt_scorer(cfg, tok, train, student, dev))
     del student
     # 3. explanations for new questions -> two students, same questions and steps
@@ -759,10 +769,7 @@ def check_config(cfg, names, world):
         raise bad(f"--sampler_dtype={cfg.sampler_dtype}: expected auto, float32 or bfloat16")
     if cfg.rlsp_schedule not in ("constant", "linear_decay"):
         raise bad(f"--rlsp_schedule={cfg.rlsp_schedule}: expected constant or linear_decay")
-    groups = {"rl": (1 if cfg.algo == "ppo" else cfg.group_size, "--group_size"),
-              "rl2": (cfg.rl2_samples, "--rl2_samples") if cfg.algo == "ppo" else (cfg.group_size, "--group_size"),
-              "rlt": (cfg.rlt_group, "--rlt_group")}
-    for group, what in (groups[n] for n in names if n in groups):
+    for group, what in (rl_group(cfg, n) for n in names if n in ("rl", "rl2", "rlt")):
         if cfg.rl_batch % (group * world):
             raise bad(f"--rl_batch={cfg.rl_batch} must be a multiple of {what} ({group}) x processes ({world}), "
                       "so that every process samples whole groups")
