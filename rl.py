@@ -76,6 +76,29 @@ def algo_config(cfg, group):
     raise SystemExit(f"--algo={cfg.algo}: expected one of {', '.join(ALGOS)}")
 
 
+def pick(pool, rng):
+    """One state of pool, a list of (states, share) pairs (as_pools): a list chosen with probability
+    share, then a state of it uniformly."""
+    if len(pool) == 1:
+        return pool[0][0][rng.randrange(len(pool[0][0]))]
+    u, states = rng.random(), pool[-1][0]
+    for states, share in pool:
+        if u < share:
+            break
+        u -= share
+    return states[rng.randrange(len(states))]
+
+
+def as_pools(pool):
+    """[(states, share), ...] of an RL pool given as one list of states (share 1) or as such pairs;
+    the shares must add up to 1 and every list with a share be non-empty."""
+    pools = pool if pool and isinstance(pool[0], tuple) else [(pool, 1.0)]
+    if abs(sum(share for _, share in pools) - 1) > 1e-6 or any(share > 0 and not states for states, share in pools):
+        raise ValueError(f"RL pool: shares {[share for _, share in pools]} of lists of "
+                         f"{[len(states) for states, _ in pools]} states; expected non-empty lists, shares summing to 1")
+    return pools
+
+
 def sample_groups(cfg, sampler, tok, train, pool, first, rng, group, temperature, seed, dynamic):
     """The states `first` (this process's prompts), `group` samples each -> (states, outs,
     responses, correct). dynamic (DAPO): groups whose samples are all right or all wrong are dropped
@@ -87,7 +110,7 @@ def sample_groups(cfg, sampler, tok, train, pool, first, rng, group, temperature
     draw = first
     for attempt in range(1 + (cfg.dapo_max_refills if dynamic else 0)):
         if attempt:
-            draw = [pool[rng.randrange(len(pool))] for _ in range(len(first) - len(states))]
+            draw = [pick(pool, rng) for _ in range(len(first) - len(states))]
         o, resp, ok = sample_and_grade(sampler, tok, train, [s.prompt_ids for s in draw],
                                        [s.question_id for s in draw], group, temperature, cfg.rl_max_new_tokens,
                                        seed=seed + 1_000_003 * attempt, skip=[own_prompt(s) for s in draw])
@@ -125,14 +148,15 @@ def expo_rollouts(cfg, sampler, tok, train, states, correct, group, temperature,
 def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic=None, scorer=None, ref=None,
              score=None, name="rl", log=None, ckpt_dir=None):
     """--algo (cfg.algo) on policy, in place: each step draws cfg.rl_batch // group prompts from `pool`
-    (rae.RestartStates; question_id indexes `problems`), samples `group` responses of each,
-    rewards them (Satori's reward: rule + sigmoid(scorer) + reflection bonus, + RLSP's exploration
-    reward if cfg.rlsp_coef; or score(policy, states, outs) -> [reward per sample]), turns rewards
-    into advantages (ppo.set_advantages: GAE over the critic for ppo, group baselines otherwise) and
-    updates (ppo.ppo_update, + ExPO's term with cfg.expo). critic: for ppo; ref: the frozen start
-    for a KL term. Under torchrun each process samples its share of every step's prompts.
-    log(msg, **metrics): progress (default: print msg). ckpt_dir: resume from its newest checkpoint,
-    save every cfg.rl_ckpt_every steps. Returns the metrics of the last step."""
+    (rae.RestartStates, question_id indexing `problems`; or [(states, share), ...] to draw each prompt
+    from one of several lists with those probabilities, e.g. RAE states and plain questions),
+    samples `group` responses of each, rewards them (Satori's reward: rule + sigmoid(scorer) +
+    reflection bonus, + RLSP's exploration reward if cfg.rlsp_coef; or score(policy, states, outs)
+    -> [reward per sample]), turns rewards into advantages (ppo.set_advantages: GAE over the critic
+    for ppo, group baselines otherwise) and updates (ppo.ppo_update, + ExPO's term with cfg.expo).
+    critic: for ppo; ref: the frozen start for a KL term. Under torchrun each process samples its
+    share of every step's prompts. log(msg, **metrics): progress (default: print msg). ckpt_dir:
+    resume from its newest checkpoint, save every cfg.rl_ckpt_every steps. Returns the metrics of the last step."""
     log = log or (lambda msg, **metrics: print(msg, flush=True))
     train, dst, dev = problems, name, next(policy.parameters()).device
     pcfg = algo_config(cfg, group)
@@ -141,10 +165,12 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
     copt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, betas=cfg.betas, weight_decay=0.0) if critic else None
     sched = SFTConfig(lr=1.0, warmup_frac=cfg.warmup_frac, min_lr_ratio=cfg.min_lr_ratio)
     n_prompts = max(1, cfg.rl_batch // group)
-    longest = max(len(s.prompt_ids) for s in pool)
+    pool = as_pools(pool)
+    states = [s for sub, _ in pool for s in sub]
+    longest = max(len(s.prompt_ids) for s in states)
     if cfg.expo:
         longest = max(longest, max(len(tok.encode(reward.expo_prompt(train[s.question_id]["question"],
-                                                                      train[s.question_id]["answer"]))) for s in pool))
+                                                                      train[s.question_id]["answer"]))) for s in states))
     rank, world = parallel.rank(), parallel.world()
     # checkpoints: weights and optimizers; every random draw below is seeded by the step, so the
     # step is all the position a resumed run needs
@@ -169,7 +195,7 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
         policy.eval()
         # the step's global batch is the same on every process; each samples its own share of it
         rng = random.Random(f"{cfg.seed}:{dst}:{step}")
-        first = parallel.shard([pool[rng.randrange(len(pool))] for _ in range(n_prompts)])
+        first = parallel.shard([pick(pool, rng) for _ in range(n_prompts)])
         seed = cfg.seed * 100003 + step + 7919 * rank
         batch, outs, responses, correct = sample_groups(cfg, sampler, tok, train, pool, first,
                                                         random.Random(f"{cfg.seed}:{dst}:{step}:{rank}"), group,

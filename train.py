@@ -61,8 +61,12 @@ class Config:
     task_max_operand: int = 20
     task_mul_max: int = 5
     task_max_value: int = 99      # with the model below: 0.695 greedy pass@1 after pretraining (seed 0)
-    n_train: int = 20000
+    n_train: int = 20000          # problems with solutions: pretraining, COAT synthesis, format tuning
     n_test: int = 200
+    n_rl: int = 30000             # further training questions, answers only: ORM/RAE, RL and distillation
+                                  # (Satori's RL set is far larger than its demonstrations); 0 or --data:
+                                  # the n_train. The base model memorises its training problems (per-step
+                                  # error on them ~1/4 of held-out), so RL on them learns little (README)
     # the built-in base model (a small Qwen2): the shipped one, or pretrained by stage pretrain
     base: str = "assets/base"     # shipped base model, used when trained with this task/model/pretrain config;
                                   # --base= pretrains one (assets/base/nanosatori.json says how it was made)
@@ -98,6 +102,8 @@ class Config:
     # ORM + Restart-and-Explore: the format-tuned model samples rae_samples answers to each of the
     # first rae_questions training questions; the same samples train the ORM and seed RAE
     rae: bool = True              # RL round 1 starts from RAE restart states (false: plain questions)
+    rae_mix: float = 0.5          # share of RL round 1 prompts drawn from the RAE buffer; the rest are plain
+                                  # RL questions (the buffer covers only rae_questions questions)
     rae_questions: int = 256
     rae_samples: int = 8          # Satori: 8
     rae_temperature: float = 1.0
@@ -109,9 +115,10 @@ class Config:
     orm_batch_tokens: int = 4096
     orm_margin: float = 2.0       # Bradley-Terry margin (Satori: 2)
     # RL (PPO + GAE), round 1 from format_tuned, round 2 from distilled
-    rl_steps: int = 40
+    rl_steps: int = 80            # round 1, seed 0 held-out pass@1 after 40 / 80 / 120 steps: 0.695 / 0.725 / 0.730
     rl_batch: int = 64            # sampled responses per PPO step
     rl_temperature: float = 0.6   # Satori: 0.6 in round 1
+    rl_samples: int = 1           # PPO round 1: samples per prompt (Satori: 1)
     rl_max_new_tokens: int = 128
     sampler_dtype: str = "auto"   # weights the RL sampler decodes with: auto = a bf16 copy on GPU, the policy on CPU
     actor_lr: float = 2e-4        # Satori: 2e-7 for 7B; a tiny model wants far more
@@ -232,14 +239,18 @@ def task_config(cfg):
 
 
 def load_problems(cfg):
-    """(train, test) lists of {"question", "answer", ...}: the user's JSONL, or the built-in task."""
+    """(train, test, rl) lists of {"question", "answer", ...}: the user's JSONL (rl is train), or the
+    built-in task, whose RL questions are n_rl problems beyond the n_train (0: rl is train)."""
     if cfg.data:
         train = data.load_jsonl(cfg.data)
         if cfg.test_data:
-            return train, data.load_jsonl(cfg.test_data)
+            return train, data.load_jsonl(cfg.test_data), train
         random.Random(cfg.seed).shuffle(train)
-        return train[:-cfg.n_test], train[-cfg.n_test:]
-    return data.builtin_split(task_config(cfg), cfg.n_train, cfg.n_test, cfg.seed)
+        return train[:-cfg.n_test], train[-cfg.n_test:], train[:-cfg.n_test]
+    # builtin_split fills train in stream order, so the first n_train are the same with or without n_rl
+    problems, test = data.builtin_split(task_config(cfg), cfg.n_train + cfg.n_rl, cfg.n_test, cfg.seed)
+    train, rl_questions = problems[:cfg.n_train], problems[cfg.n_train:]
+    return train, test, rl_questions or train
 
 
 def get_device(cfg):
@@ -391,7 +402,7 @@ def evaluate(model, tok, problems, sampler=None, max_new_tokens=160, batch_size=
 
 
 # -----------------------------------------------------------------------------
-# stages: each is fn(cfg, state) with state = {"log", "train", "test"}; add one with one line in STAGES
+# stages: each is fn(cfg, state) with state = {"log", "train", "test", "rl"}; add one with one line in STAGES
 
 def shipped_base(cfg):
     """The directory of the shipped base model if it was pretrained with this run's task, model and
@@ -513,7 +524,7 @@ def stage_orm(cfg, state):
     """The format-tuned model samples rae_samples solutions of rae_questions training questions; the
     same samples give the ORM its (correct, incorrect) pairs and RAE its restart states
     -> out/orm (ValueModel) and out/orm/rae.jsonl."""
-    log, train = state["log"], state["train"]
+    log, train = state["log"], state["rl"]
     policy, tok = load_stage(cfg, "format_tuned")
     qids = list(range(min(cfg.rae_questions, len(train))))
     prompts = [tok.encode_prompt(train[q]["question"]) for q in qids]
@@ -554,8 +565,9 @@ def load_rae(cfg):
         return [rae.RestartState(**json.loads(line)) for line in f if line.strip()]
 
 
-def run_rl(cfg, state, src, dst, pool, temperature, group, steps, score=None):
-    """rl.rl_train from out/<src> -> out/<dst>. PPO's critic starts from the ORM (or the policy's
+def run_rl(cfg, state, src, dst, pool, temperature, group, steps, score=None, problems=None):
+    """rl.rl_train from out/<src> -> out/<dst> on `pool` (question ids index problems, default the RL
+    questions). PPO's critic starts from the ORM (or the policy's
     trunk with --orm=false); the ORM also scores responses with --orm_reward; a KL term compares
     with a frozen copy of out/<src>."""
     dev = get_device(cfg)
@@ -568,7 +580,7 @@ def run_rl(cfg, state, src, dst, pool, temperature, group, steps, score=None):
         critic = ValueModel.from_pretrained(orm_dir, device=dev) if use_orm else ValueModel.from_policy(policy)
     scorer = ValueModel.from_pretrained(orm_dir, device=dev).eval() if use_orm and cfg.orm_reward else None
     ref = load_stage(cfg, src)[0].eval().requires_grad_(False) if pcfg.kl_coef or pcfg.kl_loss_coef else None
-    rl.rl_train(cfg, policy, tok, state["train"], pool, temperature, group, steps, critic, scorer, ref, score,
+    rl.rl_train(cfg, policy, tok, state["rl"] if problems is None else problems, pool, temperature, group, steps, critic, scorer, ref, score,
                 name=dst, log=state["log"], ckpt_dir=ckpt_dir(state, dst))
     save_stage(cfg, dst, policy, tok)
 
@@ -580,35 +592,35 @@ def rl_group(cfg, stage):
         return cfg.rlt_group, "--rlt_group"
     if cfg.algo != "ppo":
         return cfg.group_size, "--group_size"
-    return (1, "--algo") if stage == "rl" else (cfg.rl2_samples, "--rl2_samples")
+    return (cfg.rl_samples, "--rl_samples") if stage == "rl" else (cfg.rl2_samples, "--rl2_samples")
 
 
 def stage_rl(cfg, state):
-    """RL round 1: PPO from the format-tuned model with Restart-and-Explore states (or the plain
-    questions with --rae=false) -> out/rl_round1."""
-    train = state["train"]
+    """RL round 1: PPO from the format-tuned model; a share rae_mix of the prompts are
+    Restart-and-Explore states, the rest plain RL questions (all plain with --rae=false) -> out/rl_round1."""
     tok = Tokenizer.from_pretrained(stage_dir(cfg, "format_tuned"))
-    pool = load_rae(cfg) if cfg.rae else []
-    if not pool:   # RAE off, or no question had both right and wrong samples
-        if cfg.rae:
-            state["log"]("rl: the RAE buffer is empty; training on the plain questions")
-        pool = plain_pool(cfg, train, tok)
+    pool = plain_pool(state["rl"], tok)
+    buffer = load_rae(cfg) if cfg.rae else []
+    if cfg.rae and not buffer:   # no question had both right and wrong samples
+        state["log"]("rl: the RAE buffer is empty; training on the plain questions")
+    if buffer:
+        pool = [(buffer, cfg.rae_mix), (pool, 1 - cfg.rae_mix)]
     group, _ = rl_group(cfg, "rl")
     run_rl(cfg, state, "format_tuned", "rl_round1", pool, cfg.rl_temperature, group, cfg.rl_steps)
 
 
-def plain_pool(cfg, train, tok):
-    """The first rae_questions training questions as status-0 states."""
-    return [rae.RestartState(q, tok.encode_prompt(train[q]["question"]), 0) for q in range(min(cfg.rae_questions, len(train)))]
+def plain_pool(problems, tok):
+    """Every question of problems as a status-0 state."""
+    return [rae.RestartState(q, tok.encode_prompt(p["question"]), 0) for q, p in enumerate(problems)]
 
 
 def stage_distill(cfg, state):
     """Iterative self-improvement: the round-1 policy answers training questions; the hardest it
     still solves (lowest pass rate > 0) are kept and their correct answers distilled by SFT into the
     base model (+ COAT tokens) -> out/distilled."""
-    log, train = state["log"], state["train"]
+    log, train = state["log"], state["rl"]
     policy, tok = load_stage(cfg, "rl_round1")
-    lo = cfg.rae_questions      # questions RL round 1 did not train on first
+    lo = cfg.rae_questions      # questions the ORM and RAE did not sample
     qids = list(range(lo, min(lo + cfg.distill_questions, len(train))))
     prompts = [tok.encode_prompt(train[q]["question"]) for q in qids]
     K = cfg.distill_samples
@@ -635,9 +647,8 @@ def stage_distill(cfg, state):
 def stage_rl2(cfg, state):
     """RL round 2: PPO from the distilled model on plain questions (no RAE), at a higher temperature
     with several samples per prompt -> out/rl_round2."""
-    train = state["train"]
     tok = Tokenizer.from_pretrained(stage_dir(cfg, "distilled"))
-    pool = plain_pool(cfg, train, tok)
+    pool = plain_pool(state["rl"], tok)
     group, _ = rl_group(cfg, "rl2")
     run_rl(cfg, state, "distilled", "rl_round2", pool, cfg.rl2_temperature, group, cfg.rl2_steps)
 
@@ -669,7 +680,7 @@ def stage_rlt(cfg, state):
     rcfg = dataclasses.replace(cfg, algo="grpo", orm=False, grpo_kl=cfg.rlt_kl, actor_lr=cfg.rlt_lr,
                                rl_max_new_tokens=cfg.rlt_max_new_tokens, reward_clip=0.0)   # log-prob rewards: no clip
     run_rl(rcfg, state, "rlt_warm", "rlt_teacher", pool, cfg.rlt_temperature, rl_group(cfg, "rlt")[0], cfg.rlt_steps,
-           score=rl.rlt_scorer(cfg, tok, train, student, dev))
+           score=rl.rlt_scorer(cfg, tok, train, student, dev), problems=train)
     del student
     # 3. explanations for new questions -> two students, same questions and steps
     teacher, _ = load_stage(cfg, "rlt_teacher")
@@ -769,6 +780,8 @@ def check_config(cfg, names, world):
         raise bad(f"--sampler_dtype={cfg.sampler_dtype}: expected auto, float32 or bfloat16")
     if cfg.rlsp_schedule not in ("constant", "linear_decay"):
         raise bad(f"--rlsp_schedule={cfg.rlsp_schedule}: expected constant or linear_decay")
+    if not 0 <= cfg.rae_mix <= 1:
+        raise bad(f"--rae_mix={cfg.rae_mix}: expected a share in [0, 1]")
     for group, what in (rl_group(cfg, n) for n in names if n in ("rl", "rl2", "rlt")):
         if cfg.rl_batch % (group * world):
             raise bad(f"--rl_batch={cfg.rl_batch} must be a multiple of {what} ({group}) x processes ({world}), "
@@ -834,9 +847,10 @@ def main(argv):
     if rank == 0:
         with open(os.path.join(cfg.out, "run_config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
-    train, test = load_problems(cfg)
-    state = {"log": log, "out": cfg.out, "train": train, "test": test}
-    log(f"nanosatori: stages {','.join(names)}, {len(train)} train / {len(test)} test problems, "
+    train, test, rl_questions = load_problems(cfg)
+    state = {"log": log, "out": cfg.out, "train": train, "test": test, "rl": rl_questions}
+    log(f"nanosatori: stages {','.join(names)}, {len(train)} train" +
+        (f" + {len(rl_questions)} RL" if rl_questions is not train else "") + f" / {len(test)} test problems, "
         f"device {get_device(cfg)}, {world} process{'es' * (world > 1)}, out {cfg.out}")
     for name in names:
         if name in done:

@@ -109,7 +109,7 @@ def test_evaluate_with_fake_sampler():
     assert texts[0] == P["solution"]                   # stop token stripped from the text
 
 
-TINY = ["--n_train=64", "--n_test=4", "--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=1",
+TINY = ["--n_train=64", "--n_test=4", "--n_rl=64", "--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=1",
         "--vocab_size=300", "--pretrain_steps=2", "--pretrain_batch_tokens=1024", "--eval_max_new_tokens=8",
         "--log_every=1", "--synth_questions=3", "--synth_samples=2", "--synth_max_new_tokens=8", "--sft_epochs=1"]
 
@@ -176,10 +176,10 @@ def test_tiny_rl_stages(tmp_path):
     import rl
     from model import ValueModel
     policy, tok = train.load_stage(train.parse_args([f"--out={out}"] + small), "rl_round1")
-    pool = train.plain_pool(train.parse_args(small), train.load_problems(train.parse_args(small))[0], tok)
+    pool = train.plain_pool(train.load_problems(train.parse_args(small))[2], tok)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     cfg = train.parse_args(small + ["--sampler_dtype=bfloat16", "--rl_steps=1", "--rl_ckpt_every=0"])
-    m = rl.rl_train(cfg, policy, tok, train.load_problems(cfg)[0], pool, 1.0, 1, 1, critic=ValueModel.from_policy(policy),
+    m = rl.rl_train(cfg, policy, tok, train.load_problems(cfg)[2], pool, 1.0, 1, 1, critic=ValueModel.from_policy(policy),
                     ckpt_dir=os.path.join(out, "ck"))
     assert m["step"] == 1 and m["skipped_steps"] == 0
     assert any(not v.equal(policy.state_dict()[k]) for k, v in before.items())
@@ -197,3 +197,30 @@ def test_shipped_base_only_for_its_own_options(tmp_path):
     shipped = load_file(os.path.join(train.shipped_base(Config()), "model.safetensors"))
     copied = load_file(os.path.join(tmp_path, "base", "model.safetensors"))
     assert all(shipped[k].equal(copied[k]) for k in shipped)
+
+
+def test_rl_questions_are_new_problems():
+    """The built-in RL questions are n_rl problems beyond the n_train (which stay the same with or
+    without them), disjoint from both splits; n_rl=0 and --data reuse the training questions."""
+    from data import problem_key
+    tr, te, rlq = train.load_problems(Config(n_train=50, n_test=10, n_rl=40))
+    tr0, te0, rl0 = train.load_problems(Config(n_train=50, n_test=10, n_rl=0))
+    assert tr == tr0 and te == te0 and rl0 is tr0 and len(rlq) == 40
+    keys = [problem_key(p) for p in tr + te + rlq]
+    assert len(set(keys)) == len(keys)
+
+
+def test_rl_pool_mix_draws_by_share():
+    """rl.pick takes each prompt from one list of the pool with its share; bad pools are refused."""
+    import random
+    import rl
+    a, b = ["a1", "a2"], ["b1", "b2", "b3"]
+    rng = random.Random(0)
+    draws = [rl.pick(rl.as_pools([(a, 0.25), (b, 0.75)]), rng) for _ in range(4000)]
+    share_a = sum(d in a for d in draws) / len(draws)
+    assert abs(share_a - 0.25) < 0.03 and set(draws) == set(a + b)
+    assert {rl.pick(rl.as_pools(b), rng) for _ in range(100)} == set(b)        # one plain list
+    assert {rl.pick(rl.as_pools([(a, 1.0), (b, 0.0)]), rng) for _ in range(100)} == set(a)
+    for bad in ([], [(a, 0.5), (b, 0.4)], [([], 0.5), (b, 0.5)]):
+        with pytest.raises(ValueError):
+            rl.as_pools(bad)
