@@ -95,7 +95,8 @@ def test_configs_that_cannot_work_are_refused(tmp_path):
            (["--algo=grpo", "--group_size=3", "--stages=rl"], "--rl_batch=64 must be a multiple of --group_size"),
            (["--minibatch_size=48"], "--minibatch_size=48 must divide --rl_batch=64"),
            (["--rl_max_new_tokens=600"], "max_position_embeddings=1024"),
-           (["--rlsp_schedule=cosine"], "--rlsp_schedule=cosine")]
+           (["--rlsp_schedule=cosine"], "--rlsp_schedule=cosine"),
+           (["--rae_mix=1.5"], "--rae_mix=1.5: expected a share")]
     for args, msg in bad:
         with pytest.raises(SystemExit, match=msg):
             train.main([f"--out={out}", "--stages=eval"] + args)    # a later --stages wins
