@@ -156,7 +156,8 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
     for ppo, group baselines otherwise) and updates (ppo.ppo_update, + ExPO's term with cfg.expo).
     critic: for ppo; ref: the frozen start for a KL term. Under torchrun each process samples its
     share of every step's prompts. log(msg, **metrics): progress (default: print msg). ckpt_dir:
-    resume from its newest checkpoint, save every cfg.rl_ckpt_every steps. Returns the metrics of the last step."""
+    resume from its newest checkpoint, save every cfg.rl_ckpt_every steps. Returns the metrics of
+    the last step."""
     log = log or (lambda msg, **metrics: print(msg, flush=True))
     train, dst, dev = problems, name, next(policy.parameters()).device
     pcfg = algo_config(cfg, group)

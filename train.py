@@ -100,7 +100,7 @@ class Config:
     betas: tuple = (0.9, 0.95)
     log_every: int = 25
     # ORM + Restart-and-Explore: the format-tuned model samples rae_samples answers to each of the
-    # first rae_questions training questions; the same samples train the ORM and seed RAE
+    # first rae_questions RL questions; the same samples train the ORM and seed RAE
     rae: bool = True              # RL round 1 starts from RAE restart states (false: plain questions)
     rae_mix: float = 0.5          # share of RL round 1 prompts drawn from the RAE buffer; the rest are plain
                                   # RL questions (the buffer covers only rae_questions questions)
@@ -521,7 +521,7 @@ def stage_sft(cfg, state):
 # stage 2: sampling + grading shared by the ORM, RAE, RL and distillation
 
 def stage_orm(cfg, state):
-    """The format-tuned model samples rae_samples solutions of rae_questions training questions; the
+    """The format-tuned model samples rae_samples solutions of rae_questions RL questions; the
     same samples give the ORM its (correct, incorrect) pairs and RAE its restart states
     -> out/orm (ValueModel) and out/orm/rae.jsonl."""
     log, train = state["log"], state["rl"]
@@ -567,9 +567,8 @@ def load_rae(cfg):
 
 def run_rl(cfg, state, src, dst, pool, temperature, group, steps, score=None, problems=None):
     """rl.rl_train from out/<src> -> out/<dst> on `pool` (question ids index problems, default the RL
-    questions). PPO's critic starts from the ORM (or the policy's
-    trunk with --orm=false); the ORM also scores responses with --orm_reward; a KL term compares
-    with a frozen copy of out/<src>."""
+    questions). PPO's critic starts from the ORM (or the policy's trunk with --orm=false); the ORM
+    also scores responses with --orm_reward; a KL term compares with a frozen copy of out/<src>."""
     dev = get_device(cfg)
     policy, tok = load_stage(cfg, src)
     pcfg = rl.algo_config(cfg, group)
@@ -580,7 +579,8 @@ def run_rl(cfg, state, src, dst, pool, temperature, group, steps, score=None, pr
         critic = ValueModel.from_pretrained(orm_dir, device=dev) if use_orm else ValueModel.from_policy(policy)
     scorer = ValueModel.from_pretrained(orm_dir, device=dev).eval() if use_orm and cfg.orm_reward else None
     ref = load_stage(cfg, src)[0].eval().requires_grad_(False) if pcfg.kl_coef or pcfg.kl_loss_coef else None
-    rl.rl_train(cfg, policy, tok, state["rl"] if problems is None else problems, pool, temperature, group, steps, critic, scorer, ref, score,
+    problems = state["rl"] if problems is None else problems
+    rl.rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic, scorer, ref, score,
                 name=dst, log=state["log"], ckpt_dir=ckpt_dir(state, dst))
     save_stage(cfg, dst, policy, tok)
 
