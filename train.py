@@ -780,6 +780,8 @@ def check_config(cfg, names, world):
         raise bad(f"--sampler_dtype={cfg.sampler_dtype}: expected auto, float32 or bfloat16")
     if cfg.rlsp_schedule not in ("constant", "linear_decay"):
         raise bad(f"--rlsp_schedule={cfg.rlsp_schedule}: expected constant or linear_decay")
+    if cfg.n_rl < 0:
+        raise bad(f"--n_rl={cfg.n_rl}: expected a number of questions >= 0")
     if not 0 <= cfg.rae_mix <= 1:
         raise bad(f"--rae_mix={cfg.rae_mix}: expected a share in [0, 1]")
     for group, what in (rl_group(cfg, n) for n in names if n in ("rl", "rl2", "rlt")):

@@ -96,7 +96,8 @@ def test_configs_that_cannot_work_are_refused(tmp_path):
            (["--minibatch_size=48"], "--minibatch_size=48 must divide --rl_batch=64"),
            (["--rl_max_new_tokens=600"], "max_position_embeddings=1024"),
            (["--rlsp_schedule=cosine"], "--rlsp_schedule=cosine"),
-           (["--rae_mix=1.5"], "--rae_mix=1.5: expected a share")]
+           (["--rae_mix=1.5"], "--rae_mix=1.5: expected a share"),
+           (["--n_rl=-1"], "--n_rl=-1: expected a number")]
     for args, msg in bad:
         with pytest.raises(SystemExit, match=msg):
             train.main([f"--out={out}", "--stages=eval"] + args)    # a later --stages wins
