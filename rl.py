@@ -79,7 +79,7 @@ def algo_config(cfg, group):
 def pick(pool, rng):
     """One state of pool, a list of (states, share) pairs (as_pools): a list chosen with probability
     share, then a state of it uniformly."""
-    if len(pool) == 1:
+    if len(pool) == 1:           # one list: one draw, so a single-list pool samples as it always did
         return pool[0][0][rng.randrange(len(pool[0][0]))]
     u, states = rng.random(), pool[-1][0]
     for states, share in pool:

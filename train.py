@@ -246,7 +246,8 @@ def load_problems(cfg):
         if cfg.test_data:
             return train, data.load_jsonl(cfg.test_data), train
         random.Random(cfg.seed).shuffle(train)
-        return train[:-cfg.n_test], train[-cfg.n_test:], train[:-cfg.n_test]
+        train, test = train[:-cfg.n_test], train[-cfg.n_test:]
+        return train, test, train
     # builtin_split fills train in stream order, so the first n_train are the same with or without n_rl
     problems, test = data.builtin_split(task_config(cfg), cfg.n_train + cfg.n_rl, cfg.n_test, cfg.seed)
     train, rl_questions = problems[:cfg.n_train], problems[cfg.n_train:]

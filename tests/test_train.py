@@ -199,7 +199,7 @@ def test_shipped_base_only_for_its_own_options(tmp_path):
     assert all(shipped[k].equal(copied[k]) for k in shipped)
 
 
-def test_rl_questions_are_new_problems():
+def test_rl_questions_are_new_problems(tmp_path):
     """The built-in RL questions are n_rl problems beyond the n_train (which stay the same with or
     without them), disjoint from both splits; n_rl=0 and --data reuse the training questions."""
     from data import problem_key
@@ -208,6 +208,11 @@ def test_rl_questions_are_new_problems():
     assert tr == tr0 and te == te0 and rl0 is tr0 and len(rlq) == 40
     keys = [problem_key(p) for p in tr + te + rlq]
     assert len(set(keys)) == len(keys)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(8)))
+    for extra in ({}, {"test_data": str(path)}):
+        tr, te, rlq = train.load_problems(Config(data=str(path), n_test=2, **extra))
+        assert rlq is tr and len(tr) == (8 if extra else 6)
 
 
 def test_rl_pool_mix_draws_by_share():
