@@ -190,6 +190,7 @@ def test_shipped_base_only_for_its_own_options(tmp_path):
     """The default run copies assets/base (made with the default task/model/pretrain options, any
     seed); other options, or --base=, pretrain a new base."""
     assert train.shipped_base(Config()) is not None and train.shipped_base(Config(seed=5)) is not None
+    assert train.shipped_base(Config(n_test=37)) is not None
     assert train.shipped_base(Config(task_max_value=50)) is None
     assert train.shipped_base(Config(hidden_size=64)) is None and train.shipped_base(Config(base="")) is None
     train.main([f"--out={tmp_path}", "--stages=pretrain"])
@@ -206,6 +207,8 @@ def test_rl_questions_are_new_problems(tmp_path):
     tr, te, rlq = train.load_problems(Config(n_train=50, n_test=10, n_rl=40))
     tr0, te0, rl0 = train.load_problems(Config(n_train=50, n_test=10, n_rl=0))
     assert tr == tr0 and te == te0 and rl0 is tr0 and len(rlq) == 40
+    tr2, te2, rl2 = train.load_problems(Config(n_train=50, n_test=30, n_rl=40))     # n_test extends the test set only
+    assert tr2 == tr and rl2 == rlq and te2[:10] == te
     keys = [problem_key(p) for p in tr + te + rlq]
     assert len(set(keys)) == len(keys)
     path = tmp_path / "d.jsonl"
