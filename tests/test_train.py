@@ -1,6 +1,7 @@
 """train.py: CLI overrides, self-correction counting on hand-made responses, evaluate, a tiny chain."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -152,10 +153,11 @@ def pretrain_and_fake_format_tuned(out, args):
     tok.save_pretrained(os.path.join(out, "format_tuned"))
 
 
-def test_tiny_rl_stages(tmp_path):
+def test_tiny_rl_stages(tmp_path, capsys):
     """orm -> rl -> eval on a toy scale: the ORM, the RAE buffer file, a PPO round with its progress
-    metrics, and rl_round1 in results.json. (An untrained model may have no right answer, so the RAE
-    buffer may be empty: rl then falls back to the plain questions.)"""
+    metrics, and rl_round1 in results.json; round 1 saves its critic and round 2 starts from it.
+    (An untrained model may have no right answer, so the RAE buffer may be empty: rl then falls back
+    to the plain questions.)"""
     out = str(tmp_path)
     small = TINY + ["--rae_questions=4", "--rae_samples=2", "--rl_batch=4", "--minibatch_size=2",
                     "--micro_batch=1", "--rl_max_new_tokens=8", "--rl_steps=2"]
@@ -172,6 +174,15 @@ def test_tiny_rl_stages(tmp_path):
         assert k in steps[0]
     res = json.load(open(os.path.join(out, "results.json")))
     assert [r["name"] for r in res["stages"]] == ["base", "format_tuned", "rl_round1"]
+    from safetensors.torch import load_file
+    orm, critic = (load_file(os.path.join(out, d, "model.safetensors")) for d in ("orm", "rl_round1/critic"))
+    assert orm.keys() == critic.keys() and any(not orm[k].equal(critic[k]) for k in orm)   # trained on from the ORM
+    shutil.copytree(os.path.join(out, "rl_round1"), os.path.join(out, "distilled"), ignore=shutil.ignore_patterns("critic"))
+    assert f"rl_round1: the critic starts from {os.path.join(out, 'orm')}\n" in capsys.readouterr().out
+    train.main([f"--out={out}", "--stages=rl2"] + small)
+    logged = capsys.readouterr().out
+    assert f"rl_round2: the critic starts from {os.path.join(out, 'rl_round1', 'critic')}" in logged
+    assert os.path.isfile(os.path.join(out, "rl_round2", "critic", "model.safetensors"))
     # the GPU path: the sampler decodes with a bf16 copy, refreshed after each update
     import rl
     from model import ValueModel
