@@ -798,6 +798,9 @@ def check_config(cfg, names, world):
         raise bad(f"--n_rl={cfg.n_rl}: expected a number of questions >= 0")
     if not 0 <= cfg.rae_mix <= 1:
         raise bad(f"--rae_mix={cfg.rae_mix}: expected a share in [0, 1]")
+    for k in ("gen_batch", "eval_batch"):
+        if getattr(cfg, k) < 1:
+            raise bad(f"--{k}={getattr(cfg, k)}: expected a number of sequences >= 1")
     for group, what in (rl_group(cfg, n) for n in names if n in ("rl", "rl2", "rlt")):
         if cfg.rl_batch % (group * world):
             raise bad(f"--rl_batch={cfg.rl_batch} must be a multiple of {what} ({group}) x processes ({world}), "
