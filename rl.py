@@ -186,7 +186,8 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
     gen_model = policy if dtype is None else copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
     sampler = Sampler(gen_model, max_batch=n_prompts // world * group, max_seq_len=longest + cfg.rl_max_new_tokens)
     t_start = time.time()
-    log(f"{dst}: {cfg.algo}, {steps} steps of {n_prompts} prompts x {group} samples, temperature {temperature}"
+    log(f"{dst}: {cfg.algo}, {steps} steps of {n_prompts} prompts x {group} samples, temperature {temperature}, "
+        f"actor lr {cfg.actor_lr:g}"
         + (f", {world} processes" if world > 1 else ""))
     for step in range(start, steps):
         for o, base in ((opt, cfg.actor_lr), (copt, cfg.critic_lr)):

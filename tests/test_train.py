@@ -182,6 +182,7 @@ def test_tiny_rl_stages(tmp_path, capsys):
     train.main([f"--out={out}", "--stages=rl2"] + small)
     logged = capsys.readouterr().out
     assert f"rl_round2: the critic starts from {os.path.join(out, 'rl_round1', 'critic')}" in logged
+    assert f"temperature {Config.rl2_temperature}, actor lr {Config.rl2_actor_lr:g}\n" in logged   # round 2's own lr
     assert os.path.isfile(os.path.join(out, "rl_round2", "critic", "model.safetensors"))
     # the GPU path: the sampler decodes with a bf16 copy, refreshed after each update
     import rl
