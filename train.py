@@ -168,8 +168,8 @@ class Config:
     rlt_max_new_tokens: int = 96
     rlt_distill_questions: int = 512
     rlt_student_steps: int = 100
-    # iterative self-improvement: distil the hardest solved questions into the base model, RL again
-    distill_questions: int = 2048  # 256: ~300 responses, distilled 0.255 greedy pass@1; 2048: ~2300, 0.690 (seed 0)
+    # iterative self-improvement: distil the round-1 policy's solved questions into the base model, RL again
+    distill_questions: int = 2048  # ~2,800 correct answers (seed 0); 256 (keep 0.5) gave ~300, distilled 0.255
     distill_samples: int = 2      # 4 (keep 0.5): distilled 0.747 instead of 0.677 (seed 0), 43 s more of the run
     distill_keep: float = 1.0     # share of the solved questions kept, hardest first. With 2 samples the pass rate
                                   # has two levels; keeping the hardest half (0.5) left ~1200 answers and the
@@ -180,7 +180,8 @@ class Config:
     rl2_steps: int = 20
     rl2_temperature: float = 1.0  # Satori round 2: 1.2; from a 0.690 distilled model (seed 0) 1.2 gave 0.555, 1.0 0.640, 0.6 0.610
     rl2_samples: int = 4          # samples per prompt (Satori: 8)
-    rl2_actor_lr: float = 1e-4    # 20 steps at 2e-4 lost 7.5 points (0.769 -> 0.694, seed 0); 1e-4 kept them (0.775)
+    rl2_actor_lr: float = 1e-4    # from a 0.769 distilled model (seed 0) 2e-4 lost 7.5 points, 1e-4 gave 0.775;
+                                  # seeds 0-2: 0.776 -> 0.754 on average (README)
     # evaluation: greedy pass@1 on the held-out set
     eval_max_new_tokens: int = 160
     gen_batch: int = 64           # sequences decoded at once by synthesis and the RLT teacher
@@ -629,9 +630,9 @@ def plain_pool(problems, tok):
 
 
 def stage_distill(cfg, state):
-    """Iterative self-improvement: the round-1 policy answers training questions; the hardest it
-    still solves (lowest pass rate > 0) are kept and their correct answers distilled by SFT into the
-    base model (+ COAT tokens) -> out/distilled."""
+    """Iterative self-improvement: the round-1 policy answers training questions; of those it solves
+    (pass rate > 0) a share distill_keep is kept, hardest first, and their correct answers are
+    distilled by SFT into the base model (+ COAT tokens) -> out/distilled."""
     log, train = state["log"], state["rl"]
     policy, tok = load_stage(cfg, "rl_round1")
     lo = cfg.rae_questions      # questions the ORM and RAE did not sample
