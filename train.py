@@ -803,6 +803,8 @@ def check_config(cfg, names, world):
         raise bad(f"--n_rl={cfg.n_rl}: expected a number of questions >= 0")
     if not 0 <= cfg.rae_mix <= 1:
         raise bad(f"--rae_mix={cfg.rae_mix}: expected a share in [0, 1]")
+    if not 0 < cfg.distill_keep <= 1:
+        raise bad(f"--distill_keep={cfg.distill_keep}: expected a share in (0, 1]")
     for k in ("gen_batch", "eval_batch"):
         if getattr(cfg, k) < 1:
             raise bad(f"--{k}={getattr(cfg, k)}: expected a number of sequences >= 1")

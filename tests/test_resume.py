@@ -97,6 +97,7 @@ def test_configs_that_cannot_work_are_refused(tmp_path):
            (["--rl_max_new_tokens=600"], "max_position_embeddings=1024"),
            (["--rlsp_schedule=cosine"], "--rlsp_schedule=cosine"),
            (["--rae_mix=1.5"], "--rae_mix=1.5: expected a share"),
+           (["--distill_keep=0"], "--distill_keep=0.0: expected a share in"),
            (["--eval_batch=0"], "--eval_batch=0: expected a number of sequences >= 1"),
            (["--n_rl=-1"], "--n_rl=-1: expected a number")]
     for args, msg in bad:
