@@ -648,7 +648,8 @@ def stage_distill(cfg, state):
     examples = [(prompts[i], responses[i * K + j]) for i in keep for j in range(K) if correct[i * K + j]]
     if not examples:
         raise SystemExit(f"distill: the round-1 policy solved none of {len(qids)} questions; nothing to distil")
-    log(f"distill: {len(keep)} hardest solved questions of {len(qids)} (pass rate <= {solved[len(keep) - 1][0]:.2f}), "
+    log(f"distill: {len(keep)} of the {len(solved)} solved questions of {len(qids)}, hardest first (pass rate <= "
+        f"{solved[len(keep) - 1][0]:.2f}), "
         f"{len(examples)} correct responses")
     del policy
     base, btok = load_stage(cfg, "base")
