@@ -156,6 +156,11 @@ def worker(out):
             json.dump(infos, f)
     parallel.barrier()
     parallel.shutdown()
+    # the group is freed, not only forgotten: gloo threads left running can abort the exit
+    # (the optimizers above import torch.distributed.nn, which must not capture the group)
+    tasks = "/proc/self/task"        # Linux
+    names = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else []
+    assert not [n for n in names if "gloo" in n], f"rank {rank}: threads still running after shutdown: {names}"
 
 
 def test_single_process_is_a_no_op():
