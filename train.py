@@ -16,6 +16,7 @@ any stage runs alone on the output of an earlier run. Progress goes to stdout, m
 out/metrics.jsonl, and the eval stage writes out/results.json and out/results.md.
 """
 import dataclasses
+import faulthandler
 import json
 import os
 import random
@@ -902,4 +903,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    faulthandler.enable()   # a crash in native code (segfault, abort) still prints each thread's Python stack
     main(sys.argv[1:])
