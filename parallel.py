@@ -3,6 +3,7 @@
     rank, world = parallel.init()       # under torchrun: nccl on CUDA, gloo on CPU; else (0, 1)
     mine = parallel.shard(prompts)      # this rank's contiguous block
     everything = parallel.gather(results_of(mine))   # back in the original order, on every rank
+    even, dropped = parallel.rebalance(kept)         # unequal parts -> as many items on every rank
 
 Every function is a no-op (or the identity) in one process without torchrun, so the same training
 code runs either way. Data parallelism is by hand: every rank holds the full model, callers
@@ -97,6 +98,15 @@ def gather(local_items):
     parts = [None] * world()
     dist.all_gather_object(parts, list(local_items))
     return [x for part in parts for x in part]
+
+
+def rebalance(local_items):
+    """Even out a list the ranks hold in unequal parts: every rank's items gathered in rank order
+    and dealt back in equal contiguous blocks; the last (total % world) items are dropped so that
+    every rank holds as many. -> (this rank's block, number dropped over all ranks)."""
+    items = gather(local_items)
+    n = len(items) - len(items) % world()
+    return shard(items[:n]), len(items) - n
 
 
 def sync_grads(params):

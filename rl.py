@@ -202,10 +202,18 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
         batch, outs, responses, correct = sample_groups(cfg, sampler, tok, train, pool, first,
                                                         random.Random(f"{cfg.seed}:{dst}:{step}:{rank}"), group,
                                                         temperature, seed, pcfg.dynamic_sampling)
-        n_keep = min(parallel.gather([len(batch)]))    # every process must train on as many rows
-        batch, outs, responses, correct = batch[:n_keep], outs[:n_keep * group], responses[:n_keep * group], correct[:n_keep * group]
+        left_out = 0
+        if pcfg.dynamic_sampling:
+            # each process kept its own number of groups; every one must train on as many rows,
+            # so the groups are dealt out again (at most world - 1 of them left out)
+            rows = lambda i: slice(i * group, (i + 1) * group)
+            groups, left_out = parallel.rebalance([(s, outs[rows(i)], responses[rows(i)], correct[rows(i)])
+                                                   for i, s in enumerate(batch)])
+            batch = [s for s, *_ in groups]
+            outs, responses, correct = ([x for g in groups for x in g[k]] for k in (1, 2, 3))
         if not batch:
-            log(f"{dst} step {step + 1}/{steps}: every group was all right or all wrong; no update")
+            log(f"{dst} step {step + 1}/{steps}: every group was all right or all wrong"
+                + (f" but {left_out}, left out to give every process as many" if left_out else "") + "; no update")
             continue
         extra, er = None, None
         if cfg.expo:

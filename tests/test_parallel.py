@@ -137,6 +137,12 @@ def worker(out):
         items = [f"x{i}" for i in range(n)]
         mine = parallel.shard(items)
         assert len(mine) in (n // 2, (n + 1) // 2) and parallel.gather(mine) == items
+    # unequal parts (DAPO keeps a different number of groups on each rank) dealt out evenly, in order
+    for parts, want in ((([0, 1, 2], [3]), ([0, 1], [2, 3], 0)), (([0, 1, 2], []), ([0], [1], 1)),
+                        (([], []), ([], [], 0)), (([], [0, 1, 2, 3, 4]), ([0, 1], [2, 3], 1))):
+        mine, dropped = parallel.rebalance([f"r{rank}-{i}" for i in parts[rank]])
+        everything = [f"r{r}-{i}" for r in range(2) for i in parts[r]]
+        assert mine == [everything[i] for i in want[rank]] and dropped == want[2], (parts, mine, dropped)
     assert parallel.all_sum(rank + 1) == 3 and isinstance(parallel.all_sum(1), int)
     assert parallel.all_sum([0.5, rank]) == [1.0, 1]
     t = torch.tensor([1.0, rank])
@@ -167,6 +173,7 @@ def test_single_process_is_a_no_op():
     assert parallel.init() == (0, 1) and parallel.is_main()
     items = list(range(5))
     assert parallel.shard(items) == items and parallel.gather(items) == items
+    assert parallel.rebalance(items) == (items, 0)
     assert parallel.all_sum(2.5) == 2.5
     parallel.barrier()
     p = torch.nn.Parameter(torch.ones(3))

@@ -153,7 +153,7 @@ def pretrain_and_fake_format_tuned(out, args):
     tok.save_pretrained(os.path.join(out, "format_tuned"))
 
 
-def test_tiny_rl_stages(tmp_path, capsys):
+def test_tiny_rl_stages(tmp_path, capsys, monkeypatch):
     """orm -> rl -> eval on a toy scale: the ORM, the RAE buffer file, a PPO round with its progress
     metrics, and rl_round1 in results.json; round 1 saves its critic and round 2 starts from it.
     (An untrained model may have no right answer, so the RAE buffer may be empty: rl then falls back
@@ -196,6 +196,21 @@ def test_tiny_rl_stages(tmp_path, capsys):
     assert m["step"] == 1 and m["skipped_steps"] == 0
     assert any(not v.equal(policy.state_dict()[k]) for k, v in before.items())
     assert os.listdir(os.path.join(out, "ck")) == ["step-00000001"]      # rl_ckpt_every=0: at the end only
+    # DAPO trains on the groups whose samples were graded differently (here: every one, each sample
+    # alternately right and wrong) and skips a step where none is (here: when all are wrong)
+    real = rl.sample_and_grade
+    def graded(mixed):
+        def sample_and_grade(*a, **k):
+            outs, responses, ok = real(*a, **k)
+            return outs, responses, [mixed and i % 2 == 0 for i in range(len(ok))]
+        return sample_and_grade
+    cfg = train.parse_args(small + ["--algo=dapo", "--group_size=2", "--rl_steps=1", "--rl_ckpt_every=0"])
+    for mixed, want in ((True, cfg.rl_batch // 2), (False, None)):
+        monkeypatch.setattr(rl, "sample_and_grade", graded(mixed))
+        before = {k: v.clone() for k, v in policy.state_dict().items()}
+        m = rl.rl_train(cfg, policy, tok, train.load_problems(cfg)[2], pool, 1.0, 2, 1)
+        assert m.get("prompts") == want
+        assert any(not v.equal(policy.state_dict()[k]) for k, v in before.items()) == (want is not None)
 
 
 def test_shipped_base_only_for_its_own_options(tmp_path):
