@@ -377,6 +377,15 @@ def _share(mask, totals, agg):
     return mask.shape[0] / int(totals[2])
 
 
+def rank_share(mask, agg, device):
+    """This rank's share of rows the ranks hold in unequal parts (mask [b, T] of its rows, or None
+    for none), weighed as agg weighs them (1.0 in one process). Each rank scaling its aggregated
+    loss by it makes the sum over ranks the loss of one process holding every row (ExPO's term).
+    A collective: every rank calls it."""
+    totals = _minibatch_totals(mask if mask is not None else torch.zeros(0, 1, device=device))
+    return 0.0 if mask is None else _share(mask, totals, agg)
+
+
 def _check_ranks(B, cfg, extra_loss):
     """Refuse, on every rank alike, a split of the rollouts that would give the ranks different
     numbers of optimizer steps (a hang at the first collective otherwise).
@@ -401,17 +410,15 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
     Under torchrun r is this rank's rows (the same number on every rank) and cfg.minibatch_size is
     global: each rank steps through its rows minibatch_size // world at a time, losses are weighted
     by global counts and gradients summed over ranks (parallel.sync_grads), so the step is that of
-    one process holding the global minibatch. extra_loss, computed by each rank on its own rows, is
-    divided by the world size, so the summed gradient is the mean over ranks of its gradient; a rank
-    with nothing to add passes None (it counts as a zero term) and its metrics are the mean over the
-    ranks that have it.
+    one process holding the global minibatch. extra_loss, computed by each rank on its own rows, and
+    its metrics are summed over the ranks like the gradients (scaled by rank_share they are the
+    one-process term); a rank with nothing to add passes None (a zero term).
     A step whose (global) loss or gradient norm is not finite is skipped with a warning (log, rank 0
     only); cfg.max_bad_steps of them in a row raise RuntimeError.
     Returns the mean of each (global) metric over the steps that were taken, "skipped_steps" and
     "optimizer_steps" (taken + skipped)."""
     B = r.ids.shape[0]
     local_mb, n_extra = _check_ranks(B, cfg, extra_loss)
-    world = parallel.world()
     done, bad, in_a_row = [], [], 0
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=generator).to(r.ids.device)
@@ -449,14 +456,14 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
             extra = {}
             if extra_loss is not None:
                 loss, info = extra_loss(policy)
-                (loss / world).backward()
+                loss.backward()
                 extra = {k: float(v) for k, v in info.items()}
             # every rank has the same keys in the same order (same config); the extra term's are only
             # known to the ranks that have one
             step = dict(zip(step, parallel.all_sum(list(step.values()))))
             if n_extra:
                 parts = [p for p in parallel.gather([extra]) if p]
-                step.update({k: sum(p[k] for p in parts) / len(parts) for k in (parts[0] if parts else {})})
+                step.update({k: sum(p[k] for p in parts) for k in (parts[0] if parts else {})})
             parallel.sync_grads(policy.parameters())
             step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
             checked = [step["policy_loss"], step.get("value_loss", 0.0), step["grad_norm"]]
@@ -492,15 +499,16 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
 # -----------------------------------------------------------------------------
 # ExPO self-explanation term
 
-def expo_loss(model, r: Rollouts, beta=0.04, temperature=1.0, agg="token_mean", max_len=None):
+def expo_loss(model, r: Rollouts, beta=0.04, temperature=1.0, agg="token_mean", max_len=None, share=1.0):
     """ExPO: the GRPO objective gains + beta * log pi(c~, a* | q), so the loss gains
         -beta * aggregate(log pi(token)) over the tokens of c~ (which ends in \\boxed{a*}).
     r: rows of QUESTION-ONLY prompts (tokenizer.prompt(q), not reward.expo_prompt) + the
     self-explanation tokens as responses (make_rollouts; no old_logp / advantages needed: this is a
     plain likelihood term, no ratio or clip). agg / max_len as aggregate_loss (use the update's).
+    share: under torchrun, this rank's rank_share of the rows; loss and metric are scaled by it.
     Returns (loss, {"expo_logp": the aggregated log-prob, detached})."""
     logp = response_logprobs(model, r, temperature)                      # [B, T], 0 on padding
-    lp = aggregate_loss(logp, r.mask, agg, max_len)
+    lp = share * aggregate_loss(logp, r.mask, agg, max_len)
     return -beta * lp, {"expo_logp": lp.detach()}
 
 def expo_select(rewards, group_size, threshold=0.0):

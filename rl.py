@@ -218,8 +218,10 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
         extra, er = None, None
         if cfg.expo:
             er = expo_rollouts(cfg, sampler, tok, train, batch, correct, group, temperature, seed, dev)
+            # the ranks find different numbers of explanations: each weighs its term by its share
+            share = ppo.rank_share(None if er is None else er.mask, pcfg.loss_agg, dev)
             if er is not None:
-                extra = lambda m: ppo.expo_loss(m, er, cfg.expo_beta, temperature, pcfg.loss_agg, pcfg.max_len)
+                extra = lambda m: ppo.expo_loss(m, er, cfg.expo_beta, temperature, pcfg.loss_agg, pcfg.max_len, share)
         t_gen = time.time() - t0
         prompts = [s.prompt_ids for s in batch for _ in range(group)]
         status = [s.status for s in batch for _ in range(group)]

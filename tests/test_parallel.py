@@ -34,11 +34,12 @@ RUNS = {
 
 # PPO: one optimizer step (minibatch = the global batch) of policy and critic; each rank holds a
 # contiguous half of the rows, as it would after sampling its share of the prompts
-# run -> (loss_agg, ExPO term): None; "all": each rank its half of EXPO's rows (their mean over ranks
-# is the one-process term for seq_sum_norm); "rank0": only rank 0 has any (the first half), the
-# others pass None, and ppo_update's mean over ranks halves it: the one-process run uses beta / 2
+# run -> (loss_agg, ExPO term): None; "all": EXPO's rows split unevenly (rank 0 the first, rank 1
+# the other three), each rank's term weighted by ppo.rank_share; "rank0": only rank 0 has any (the
+# first two), the others pass None. Either way the one-process run holds the same rows and term.
 PPO_RUNS = {"token_mean": ("token_mean", None), "seq_mean": ("seq_mean", None),
-            "seq_sum_norm": ("seq_sum_norm", "all"), "expo_rank0": ("token_mean", "rank0")}
+            "seq_sum_norm": ("seq_sum_norm", "all"), "expo_all": ("token_mean", "all"),
+            "expo_seq_mean": ("seq_mean", "all"), "expo_rank0": ("token_mean", "rank0")}
 PPO_B = 8
 EXPO = ([[1, 2], [3], [4, 5], [6]], [[7, 8, 9], [10], [11, 12], [13, 14]])
 # plain SGD: the step is linear in the gradient, so a wrong scale shows; AdamW's first step is about
@@ -64,14 +65,15 @@ def rows(r, lo, hi):
 
 
 def expo_term(which, agg, max_len):
-    """The extra_loss of a PPO_RUNS entry on this rank (None: no term here)."""
-    if which == "all":
-        er = ppo.make_rollouts(parallel.shard(EXPO[0]), parallel.shard(EXPO[1]), 0)
-        return lambda m: ppo.expo_loss(m, er, 0.5, 1.0, agg, max_len)
-    if which == "rank0" and parallel.rank() == 0:
-        er = ppo.make_rollouts(EXPO[0][:2], EXPO[1][:2], 0)
-        return lambda m: ppo.expo_loss(m, er, 0.25 * parallel.world(), 1.0, agg, max_len)
-    return None
+    """The extra_loss of a PPO_RUNS entry on this rank (None: no term here), weighted as rl.py does."""
+    if which is None:
+        return None
+    # this rank's EXPO rows [lo, hi): in one process, on rank 0, on rank 1
+    split = {"all": [(0, 4), (0, 1), (1, 4)], "rank0": [(0, 2), (0, 2), (0, 0)]}[which]
+    lo, hi = split[0 if parallel.world() == 1 else 1 + parallel.rank()]
+    er = ppo.make_rollouts(EXPO[0][lo:hi], EXPO[1][lo:hi], 0) if hi > lo else None
+    share = ppo.rank_share(None if er is None else er.mask, agg, torch.device("cpu"))   # every rank calls it
+    return None if er is None else (lambda m: ppo.expo_loss(m, er, 0.5, 1.0, agg, max_len, share))
 
 
 def ppo_step(run):
