@@ -380,8 +380,8 @@ def _share(mask, totals, agg):
 def rank_share(mask, agg, device):
     """This rank's share of rows the ranks hold in unequal parts (mask [b, T] of its rows, or None
     for none), weighed as agg weighs them (1.0 in one process). Each rank scaling its aggregated
-    loss by it makes the sum over ranks the loss of one process holding every row (ExPO's term).
-    A collective: every rank calls it."""
+    loss by it makes the sum over ranks the loss of one process holding every row (ExPO's term;
+    for seq_sum_norm with a fixed max_len, as rl.py passes). A collective: every rank calls it."""
     totals = _minibatch_totals(mask if mask is not None else torch.zeros(0, 1, device=device))
     return 0.0 if mask is None else _share(mask, totals, agg)
 

@@ -272,7 +272,10 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
              "prompts": n_prompt, "tok_s": n_tok / (t_gen + t_train), "gen_s": t_gen, "train_s": t_train,
              "skipped_steps": info["skipped_steps"]}
         m.update({k: info[k] for k in ("kl_loss", "expo_logp") if k in info})
-        more = f" prompts {n_prompt}" if pcfg.dynamic_sampling else ""
+        more = ""
+        if pcfg.dynamic_sampling:
+            m["left_out"] = left_out
+            more = f" prompts {n_prompt}" + (f" ({left_out} left out)" if left_out else "")
         if cfg.expo:
             m["expo_rows"] = parallel.all_sum(0 if er is None else er.ids.shape[0])
             more += f" expo {m['expo_rows']}"

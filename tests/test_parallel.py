@@ -131,6 +131,43 @@ def train(kind):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
+def rl_step_with_uneven_ranks():
+    """One rl_train step (DAPO + ExPO) where the ranks keep different numbers of groups (rank 0 none
+    of its two, rank 1 both, dealt out 1 + 1) and only rank 1 has ExPO rows: every rank joins every
+    collective (a hang otherwise), and each graded row stays with its own prompt."""
+    import rl
+    import train as trainer
+    from tokenizer import build_task_tokenizer
+    rank = parallel.rank()
+    cfg = trainer.parse_args(["--n_train=8", "--rl_batch=8", "--minibatch_size=4", "--micro_batch=2", "--algo=dapo",
+                              "--group_size=2", "--dapo_max_refills=0", "--expo=true", "--rl_max_new_tokens=4"])
+    problems = trainer.load_problems(cfg)[0]
+    tok = build_task_tokenizer([p["question"] for p in problems], vocab_size=300)
+    torch.manual_seed(0)
+    policy = Transformer(dataclasses.replace(CFG, vocab_size=tok.vocab_size, max_position_embeddings=256))
+    real_grade, real_expo = rl.sample_and_grade, rl.expo_rollouts
+
+    def grade(sampler, tok_, probs, prompts, qids, n, *a, **k):
+        outs, responses, _ = real_grade(sampler, tok_, probs, prompts, qids, n, *a, **k)
+        ok = [rank == 1 and i % n == 0 for i in range(len(outs))]       # rank 1's groups: one right each
+        for i, o in enumerate(outs):
+            o.tag = (prompts[i // n], ok[i])
+        return outs, responses, ok
+
+    def score(policy, states, outs):          # the rows as rl_train pairs them after dealing out
+        assert [o.tag[0] for o in outs] == [s.prompt_ids for s in states]
+        return [float(o.tag[1]) for o in outs]
+
+    rl.sample_and_grade = grade
+    rl.expo_rollouts = lambda *a: None if rank == 0 else ppo.make_rollouts([[1, 2]], [[3, 4]], tok.pad_id)
+    try:
+        m = rl.rl_train(cfg, policy, tok, problems, trainer.plain_pool(problems, tok), 1.0, 2, 1, score=score,
+                        log=lambda *a, **k: None)
+    finally:
+        rl.sample_and_grade, rl.expo_rollouts = real_grade, real_expo
+    assert (m["step"], m["prompts"], m["left_out"], m["expo_rows"], m["acc"]) == (1, 2, 0, 1, 0.5), m
+
+
 def worker(out):
     torch.set_num_threads(1)
     rank, world = parallel.init()
@@ -149,6 +186,7 @@ def worker(out):
     assert parallel.all_sum([0.5, rank]) == [1.0, 1]
     t = torch.tensor([1.0, rank])
     assert parallel.all_sum(t) is t and t.tolist() == [2.0, 1.0]
+    rl_step_with_uneven_ranks()
     results = {kind: train(kind) for kind in RUNS}
     ppo_refuses_uneven_splits()
     infos = {}
