@@ -102,8 +102,8 @@ def _close(a, b, tol, atol=None):
 
 def test_store_kv_ref_matches_definition():
     kc, vc = _cache(4, 4, 2, 8, torch.float32)
-    k, v = torch.randn(6, 2, 8), torch.randn(6, 2, 8)
-    slots = torch.tensor([0, 15, -1, 6, 7, -1])
+    k, v = torch.randn(6, 2, 8).to(DEVICE), torch.randn(6, 2, 8).to(DEVICE)
+    slots = torch.tensor([0, 15, -1, 6, 7, -1], device=DEVICE)
     kc2, vc2 = kc.clone(), vc.clone()
     kernels.store_kv_ref(k, v, kc, vc, slots)
     store_kv_def(k, v, kc2, vc2, slots)
@@ -122,7 +122,7 @@ def test_decode_attention_ref_matches_definition(group):
 def test_token_logprobs_ref_matches_definition(temperature, monkeypatch):
     monkeypatch.setattr(kernels, "LOGPROB_CHUNK_BYTES", 200 * 4 * 8)    # chunks of 8 tokens
     hidden, weight, targets = _lp_case()
-    g_lp, g_ent = torch.randn(37), torch.randn(37)
+    g_lp, g_ent = torch.randn(37).to(DEVICE), torch.randn(37).to(DEVICE)
     ref = lambda h, w, t, T: kernels.token_logprobs_ref(h, w, t, T, return_entropy=True)
     got = _grads(ref, hidden, weight, targets, temperature, g_lp, g_ent)
     want = _grads(logprobs_def, hidden.double(), weight.double(), targets, temperature, g_lp, g_ent)
