@@ -1,9 +1,11 @@
-"""Atomic, resumable checkpoints: tensors in safetensors, everything else in JSON (nothing unpickled).
+"""Everything on disk that must survive a crash: checkpoints inside a training loop, stage output
+directories, and the progress of a run. Tensors go to safetensors, the rest to JSON (nothing unpickled).
 
     checkpoint.check_writable("out/ckpt", min_free_bytes=10**9)       # before training starts
     checkpoint.save("out/ckpt", "step-00000100", {"policy": model}, {"policy": opt}, {"step": 100})
-    path = checkpoint.latest("out/ckpt")                               # newest complete one, or None
-    meta = checkpoint.load(path, {"policy": model}, {"policy": opt})
+    meta = checkpoint.resume("out/ckpt", {"policy": model}, {"policy": opt}, "rl", steps=160)
+    checkpoint.write_dir("out/rl_round1", lambda tmp: model.save_pretrained(tmp))   # all or nothing
+    done = checkpoint.begin_run("out", signature, resume=True)       # the stages finished earlier
 
 A checkpoint root/name holds <key>.safetensors (a model's state_dict, tied tensors stored once),
 optim-<key>.safetensors (an optimizer's tensors), rng-rank<r>.safetensors (rank r's RNG states: torch
@@ -218,3 +220,81 @@ def check_writable(dir, min_free_bytes=0):
         raise SystemExit(f"{dir}: the output directory is not writable ({e.strerror or e})") from None
     if free < min_free_bytes:
         raise SystemExit(f"{dir}: {free / 2**30:.2f} GiB free, at least {min_free_bytes / 2**30:.2f} GiB needed")
+
+
+# -----------------------------------------------------------------------------
+# stage output directories: replaced all at once
+
+def write_dir(path, write):
+    """Replace the directory `path` by what write(tmp) puts into a fresh temporary directory, so that
+    a crash leaves the old directory or the new one, never half of one (rank 0 writes; the others
+    wait). Between the two renames the old one is path.old, which restore_dir puts back."""
+    if parallel.is_main():
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        fsync_tree(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_tree(os.path.dirname(os.path.abspath(path)), files=False)
+        shutil.rmtree(old, ignore_errors=True)
+    parallel.barrier()
+    return path
+
+
+def restore_dir(path, complete):
+    """Put back path.old when write_dir crashed between its two renames (complete(dir) -> bool says
+    whether a directory holds what it should)."""
+    if not complete(path) and complete(path + ".old"):
+        os.replace(path + ".old", path)
+
+# -----------------------------------------------------------------------------
+# the progress of a run: which stages are done, with which options
+
+PROGRESS = "progress.json"
+
+
+def _write_progress(out, done, signature):
+    if parallel.is_main():
+        path = os.path.join(out, PROGRESS)
+        _write_json({"done": done, "config": signature}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def begin_run(out, signature, resume):
+    """The stages an earlier run in `out` finished, when resuming (refused if it ran with other
+    options: signature is the dict of options a resumed run must share); none for a fresh run, whose
+    stale in-stage checkpoints (out/ckpt) are removed."""
+    path, done = os.path.join(out, PROGRESS), []
+    if resume:
+        if os.path.isfile(path):
+            with open(path) as f:
+                prev = json.load(f)
+            diff = sorted(k for k, v in signature.items() if json.dumps(prev["config"].get(k)) != json.dumps(v))
+            if diff:
+                raise SystemExit(f"--resume: {out} was run with other options: " +
+                                 ", ".join(f"--{k}={prev['config'].get(k)} (now {signature[k]})" for k in diff))
+            done = prev["done"]
+    elif parallel.is_main():
+        shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
+        _write_progress(out, [], signature)
+    parallel.barrier()
+    return done
+
+
+def stage_done(out, done, signature):
+    """Record the stages in `done` as finished; the last one's in-stage checkpoints go, as its
+    output directory now holds what they did."""
+    _write_progress(out, done, signature)
+    if parallel.is_main():
+        shutil.rmtree(os.path.join(out, "ckpt", done[-1]), ignore_errors=True)
+    parallel.barrier()
+
+
+def end_run(out):
+    """Every stage finished: an empty out/ckpt is removed (nothing left to resume)."""
+    ckpt = os.path.join(out, "ckpt")
+    if parallel.is_main() and os.path.isdir(ckpt) and not os.listdir(ckpt):
+        os.rmdir(ckpt)

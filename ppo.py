@@ -7,18 +7,18 @@ Conventions (every function below):
   Every per-token output is exactly 0 where mask is 0.
 - `logp` is log pi(token) of the sampled token, so ratio = exp(logp - old_logp) per token.
 - Sequence-level things (rewards, GRPO advantages, lengths) are [B]. For GRPO, B = n_prompts *
-  group_size with the samples of one prompt contiguous.
+  group with the samples of one prompt contiguous.
 
 Sections: config -> masked statistics -> rewards (KL, token rewards, DAPO overlong) -> advantages
 (GAE, GRPO / Dr. GRPO, dynamic sampling) -> losses (policy, value, aggregation).
 """
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 import parallel
+from sft import skip_if_nonfinite
 
 # -----------------------------------------------------------------------------
 # config
@@ -30,7 +30,7 @@ class PPOConfig:
     gamma: float = 1.0               # discount; 1 = undiscounted episodic return (Satori)
     lam: float = 0.95                # GAE lambda: 1 = Monte-Carlo return, 0 = one-step TD
     whiten_advantages: bool = True   # whiten A over all real tokens of the batch (Satori: yes; GRPO: no)
-    group_size: int = 1              # samples per prompt (Satori round 1: 1; round 2 / GRPO: 8)
+    group: int = 1                   # samples per prompt (Satori round 1: 1; round 2 / GRPO: 8)
     # rewards
     reward_clip: Optional[float] = 10.0   # clip the sequence reward to +-reward_clip (None = off)
     no_eos_penalty: float = -1.0     # added to the sequence reward of a response that never emitted EOS
@@ -43,15 +43,10 @@ class PPOConfig:
     clip: float = 0.2                # PPO ratio clip eps (lower side, and upper side unless clip_high)
     clip_high: Optional[float] = None  # upper clip eps (DAPO: 0.28); None = same as clip
     value_clip: Optional[float] = 0.2  # clip V around the rollout-time value (None = off)
-    vf_coef: float = 0.5             # weight of the value loss when actor and critic share one loss
     ent_coef: float = 0.0            # weight of the entropy bonus (loss -= ent_coef * entropy, aggregated like the loss)
     loss_agg: str = "token_mean"     # "token_mean" (PPO, DAPO) | "seq_mean" (GRPO) | "seq_sum_norm" (Dr. GRPO)
     max_len: Optional[int] = None    # constant divisor of "seq_sum_norm": the generation budget
-    # optimisation (Satori stage 2)
-    actor_lr: float = 2e-7
-    critic_lr: float = 5e-6
-    warmup_ratio: float = 0.03       # linear warm-up share of the steps, then cosine decay
-    betas: tuple = (0.9, 0.95)
+    # optimisation
     grad_clip: float = 1.0
     ppo_epochs: int = 1              # passes over each rollout batch
     minibatch_size: int = 128        # sequences per optimizer step over ALL ranks (Satori train batch)
@@ -175,16 +170,16 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return adv, returns
 
 @torch.no_grad()
-def group_advantages(rewards, group_size, normalize_std=True, eps=1e-6):
+def group_advantages(rewards, group, normalize_std=True, eps=1e-6):
     """GRPO outcome advantages [B] (broadcast over the tokens of each sample by the caller):
     A_i = (r_i - mean_g) / (std_g + eps), std unbiased (torch.std default, as TRL's GRPO);
     normalize_std=False is Dr. GRPO (A_i = r_i - mean_g). Groups whose rewards are all equal, and
-    group_size 1, give exactly 0 (no nan, no float noise amplified by 1/eps)."""
+    group 1, give exactly 0 (no nan, no float noise amplified by 1/eps)."""
     B = rewards.shape[0]
-    if B % group_size != 0:
-        raise ValueError(f"batch {B} is not a multiple of group_size {group_size}")
-    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, group_size)  # [P, G]
-    if group_size == 1:
+    if B % group != 0:
+        raise ValueError(f"batch {B} is not a multiple of group {group}")
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, group)  # [P, G]
+    if group == 1:
         return torch.zeros_like(r).view(B)
     adv = r - r.mean(dim=1, keepdim=True)
     if normalize_std:
@@ -192,12 +187,12 @@ def group_advantages(rewards, group_size, normalize_std=True, eps=1e-6):
     same = r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values  # [P, 1]
     return adv.masked_fill(same, 0.0).view(B)
 
-def dynamic_sampling_keep(rewards, group_size):
+def dynamic_sampling_keep(rewards, group):
     """DAPO dynamic sampling: bool [B], True for every sample of a group whose rewards are not all
     equal (all-right / all-wrong groups have zero advantage and only dilute the batch)."""
-    r = rewards.view(-1, group_size)
+    r = rewards.view(-1, group)
     varied = r.max(dim=1).values != r.min(dim=1).values   # [P]
-    return varied.repeat_interleave(group_size)
+    return varied.repeat_interleave(group)
 
 # -----------------------------------------------------------------------------
 # losses
@@ -354,19 +349,19 @@ def set_advantages(r: Rollouts, cfg: PPOConfig, seq_rewards, finished, critic=No
     seq = seq + (~finished.bool()).float() * cfg.no_eos_penalty
     if cfg.overlong_buffer:
         seq = seq + dapo_overlong_penalty(r.resp_lens, budget, cfg.overlong_buffer)
-    adv = group_advantages(seq, cfg.group_size, normalize_std=cfg.adv_estimator == "grpo")
+    adv = group_advantages(seq, cfg.group, normalize_std=cfg.adv_estimator == "grpo")
     r.advantages = adv[:, None] * r.mask
 
 
 def _minibatch_totals(mb_mask):
     """[tokens, non-empty rows, rows] of the GLOBAL minibatch: this rank's part of it summed over
-    the ranks (one collective). In mb_mask's float dtype, so that _share divides as before."""
+    the ranks (one collective), in mb_mask's float dtype."""
     m = mb_mask.float() if not mb_mask.is_floating_point() else mb_mask
     t = torch.stack([m.sum(), (m.sum(1) > 0).to(m.dtype).sum(), m.new_tensor(float(m.shape[0]))])
     return parallel.all_sum(t)
 
 
-def _share(mask, totals, agg):
+def _weight(mask, totals, agg):
     """Weight of a micro-batch's aggregated loss in its global minibatch (totals: _minibatch_totals),
     so that accumulating micro-batches, and summing gradients over ranks, gives exactly the
     minibatch's loss for every aggregation."""
@@ -377,13 +372,13 @@ def _share(mask, totals, agg):
     return mask.shape[0] / int(totals[2])
 
 
-def rank_share(mask, agg, device):
-    """This rank's share of rows the ranks hold in unequal parts (mask [b, T] of its rows, or None
-    for none), weighed as agg weighs them (1.0 in one process). Each rank scaling its aggregated
-    loss by it makes the sum over ranks the loss of one process holding every row (ExPO's term;
-    for seq_sum_norm with a fixed max_len, as rl.py passes). A collective: every rank calls it."""
+def rank_weight(mask, agg, device):
+    """This rank's weight for rows the ranks hold in unequal parts (mask [b, T] of its rows, or None
+    for none), as agg weighs them (1.0 in one process). Each rank scaling its aggregated loss by it
+    makes the sum over ranks the loss of one process holding every row (ExPO's term; for
+    seq_sum_norm with a fixed max_len, as rl.py passes). A collective: every rank calls it."""
     totals = _minibatch_totals(mask if mask is not None else torch.zeros(0, 1, device=device))
-    return 0.0 if mask is None else _share(mask, totals, agg)
+    return 0.0 if mask is None else _weight(mask, totals, agg)
 
 
 def _check_ranks(B, cfg, extra_loss):
@@ -401,8 +396,71 @@ def _check_ranks(B, cfg, extra_loss):
     return cfg.minibatch_size // world, n_extra
 
 
+def _accumulate(policy, critic, r, mb_idx, cfg, temperature, micro_batch_size):
+    """Backward of the policy (and value) loss of this rank's rows mb_idx of a minibatch, in
+    micro-batches each weighted by its share of the global minibatch -> this rank's part of the
+    step's metrics (summed over the ranks by the caller)."""
+    totals = _minibatch_totals(r.mask[mb_idx])
+    step = {}
+    for idx in mb_idx.split(micro_batch_size):
+        m = r.select(idx)
+        w = _weight(m.mask, totals, cfg.loss_agg)         # weight of this micro-batch's loss
+        wt = _weight(m.mask, totals, "token_mean")       # weight of its token-mean metrics
+        logp, ent = response_logprobs(policy, m, temperature, with_entropy=True)
+        loss, info = policy_loss(logp, m.old_logp, m.advantages, m.mask, cfg.clip, cfg.clip_high,
+                                 cfg.loss_agg, cfg.max_len)
+        info["entropy"] = masked_mean(ent.detach(), m.mask)
+        losses = {}                                      # aggregated like the loss: weight w
+        if cfg.ent_coef:   # aggregated like the loss (and not detached: the bonus needs its gradient)
+            loss = loss - cfg.ent_coef * aggregate_loss(ent, m.mask, cfg.loss_agg, cfg.max_len)
+        if cfg.kl_loss_coef:
+            kl = aggregate_loss(kl_penalty(logp, m.ref_logp, cfg.kl_estimator), m.mask, cfg.loss_agg, cfg.max_len)
+            loss, losses["kl_loss"] = loss + cfg.kl_loss_coef * kl, kl.detach()
+        (loss * w).backward()
+        losses["policy_loss"] = loss.detach()
+        if critic is not None:
+            vloss, vinfo = value_loss(response_values(critic, m), m.values, m.returns, m.mask,
+                                      cfg.value_clip, cfg.loss_agg, cfg.max_len)
+            (vloss * w).backward()
+            info.update(vinfo)
+            losses["value_loss"] = vloss.detach()
+        for weight, metrics in ((wt, info), (w, losses)):
+            for k, v in metrics.items():
+                step[k] = step.get(k, 0.0) + weight * float(v)
+    return step
+
+
+def _global(step, policy, extra_loss, n_extra):
+    """The step's metrics summed over the ranks, after the backward of extra_loss (its metrics are
+    only known to the ranks that have one; every rank has the other keys in the same order)."""
+    extra = {}
+    if extra_loss is not None:
+        loss, info = extra_loss(policy)
+        loss.backward()
+        extra = {k: float(v) for k, v in info.items()}
+    step = dict(zip(step, parallel.all_sum(list(step.values()))))
+    if n_extra:
+        parts = [p for p in parallel.gather([extra]) if p]
+        step.update({k: sum(p[k] for p in parts) for k in (parts[0] if parts else {})})
+    return step
+
+
+def _clip_grads(policy, critic, critic_opt, cfg, step):
+    """Sum the gradients over the ranks and clip them -> the values whose finiteness decides the
+    step (global, so every rank takes the same decision)."""
+    parallel.sync_grads(policy.parameters())
+    step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+    checked = {"loss": step["policy_loss"], "value loss": step.get("value_loss", 0.0), "grad norm": step["grad_norm"]}
+    if critic is not None:
+        parallel.sync_grads(critic.parameters())
+        if critic_opt is not None:
+            step["critic_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip))
+            checked["critic grad norm"] = step["critic_grad_norm"]
+    return checked
+
+
 def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt=None, temperature=1.0,
-               micro_batch_size=16, generator=None, extra_loss=None, log=print):
+               micro_batch_size=16, generator=None, extra_loss=None, log=print, nonfinite=0):
     """cfg.ppo_epochs passes over the rollouts in minibatches of cfg.minibatch_size rows, each an
     optimizer step accumulated over micro-batches. r must hold old_logp, advantages and (with a
     critic) values and returns; ref_logp too when cfg.kl_loss_coef > 0. extra_loss(policy) ->
@@ -411,113 +469,60 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
     global: each rank steps through its rows minibatch_size // world at a time, losses are weighted
     by global counts and gradients summed over ranks (parallel.sync_grads), so the step is that of
     one process holding the global minibatch. extra_loss, computed by each rank on its own rows, and
-    its metrics are summed over the ranks like the gradients (scaled by rank_share they are the
+    its metrics are summed over the ranks like the gradients (scaled by rank_weight they are the
     one-process term); a rank with nothing to add passes None (a zero term).
-    A step whose (global) loss or gradient norm is not finite is skipped with a warning (log, rank 0
-    only); cfg.max_bad_steps of them in a row raise RuntimeError.
-    Returns the mean of each (global) metric over the steps that were taken, "skipped_steps" and
-    "optimizer_steps" (taken + skipped)."""
+    A step whose (global) loss or gradient norm is not finite is skipped (sft.skip_if_nonfinite);
+    nonfinite: such steps in a row before this call (an RL loop carries it from step to step).
+    Returns the mean of each (global) metric over the steps that were taken, "skipped_steps",
+    "optimizer_steps" (taken + skipped) and "nonfinite_in_a_row"."""
     B = r.ids.shape[0]
     local_mb, n_extra = _check_ranks(B, cfg, extra_loss)
-    done, bad, in_a_row = [], [], 0
+    say = log if parallel.is_main() else (lambda *a, **k: None)
+    done, skipped = [], []
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=generator).to(r.ids.device)
         for mb_idx in order.split(local_mb):
-            totals = _minibatch_totals(r.mask[mb_idx])
-            opt.zero_grad(set_to_none=True)
-            if critic_opt is not None:
-                critic_opt.zero_grad(set_to_none=True)
-            step = {}
-            for idx in mb_idx.split(micro_batch_size):
-                m = r.select(idx)
-                w = _share(m.mask, totals, cfg.loss_agg)        # weight of this micro-batch's loss
-                wt = _share(m.mask, totals, "token_mean")      # weight of its token-mean metrics
-                logp, ent = response_logprobs(policy, m, temperature, with_entropy=True)
-                loss, info = policy_loss(logp, m.old_logp, m.advantages, m.mask, cfg.clip, cfg.clip_high,
-                                         cfg.loss_agg, cfg.max_len)
-                info["entropy"] = masked_mean(ent.detach(), m.mask)
-                losses = {}                                      # aggregated like the loss: weight w
-                if cfg.ent_coef:   # aggregated like the loss (and not detached: the bonus needs its gradient)
-                    loss = loss - cfg.ent_coef * aggregate_loss(ent, m.mask, cfg.loss_agg, cfg.max_len)
-                if cfg.kl_loss_coef:
-                    kl = aggregate_loss(kl_penalty(logp, m.ref_logp, cfg.kl_estimator), m.mask, cfg.loss_agg, cfg.max_len)
-                    loss, losses["kl_loss"] = loss + cfg.kl_loss_coef * kl, kl.detach()
-                (loss * w).backward()
-                losses["policy_loss"] = loss.detach()
-                if critic is not None:
-                    vloss, vinfo = value_loss(response_values(critic, m), m.values, m.returns, m.mask,
-                                              cfg.value_clip, cfg.loss_agg, cfg.max_len)
-                    (vloss * w).backward()
-                    info.update(vinfo)
-                    losses["value_loss"] = vloss.detach()
-                for share, metrics in ((wt, info), (w, losses)):
-                    for k, v in metrics.items():
-                        step[k] = step.get(k, 0.0) + share * float(v)
-            extra = {}
-            if extra_loss is not None:
-                loss, info = extra_loss(policy)
-                loss.backward()
-                extra = {k: float(v) for k, v in info.items()}
-            # every rank has the same keys in the same order (same config); the extra term's are only
-            # known to the ranks that have one
-            step = dict(zip(step, parallel.all_sum(list(step.values()))))
-            if n_extra:
-                parts = [p for p in parallel.gather([extra]) if p]
-                step.update({k: sum(p[k] for p in parts) for k in (parts[0] if parts else {})})
-            parallel.sync_grads(policy.parameters())
-            step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
-            checked = [step["policy_loss"], step.get("value_loss", 0.0), step["grad_norm"]]
-            if critic is not None:
-                parallel.sync_grads(critic.parameters())
-                if critic_opt is not None:
-                    step["critic_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip))
-                    checked.append(step["critic_grad_norm"])
-            # global values after the sums: every rank takes the same decision
-            if all(math.isfinite(x) for x in checked):
-                opt.step()
-                if critic_opt is not None:
-                    critic_opt.step()
-                done.append(step)
-                in_a_row = 0
-                continue
-            opt.zero_grad(set_to_none=True)
-            if critic_opt is not None:
-                critic_opt.zero_grad(set_to_none=True)
-            bad.append(step)
-            in_a_row += 1
-            if parallel.is_main():
-                log(f"ppo_update step {len(done) + len(bad)}: WARNING non-finite loss {step['policy_loss']}, value loss "
-                    f"{checked[1]} or grad norm {checked[2:]}: optimizer step skipped ({in_a_row} in a row)")
-            if in_a_row >= cfg.max_bad_steps:
-                raise RuntimeError(f"ppo_update: {in_a_row} non-finite optimizer steps in a row, aborting: check the "
-                                   "rewards and advantages or lower the lr (PPOConfig.max_bad_steps sets the limit)")
-    hist = done or bad      # when every step was skipped, their (non-finite) metrics say so
+            for o in (opt, critic_opt):
+                if o is not None:
+                    o.zero_grad(set_to_none=True)
+            step = _accumulate(policy, critic, r, mb_idx, cfg, temperature, micro_batch_size)
+            step = _global(step, policy, extra_loss, n_extra)
+            checked = _clip_grads(policy, critic, critic_opt, cfg, step)
+            nonfinite = skip_if_nonfinite(checked, nonfinite, cfg.max_bad_steps,
+                                          f"ppo_update step {len(done) + len(skipped) + 1}", say)
+            (skipped if nonfinite else done).append(step)
+            for o in (opt, critic_opt):
+                if o is not None and not nonfinite:
+                    o.step()
+                elif o is not None:
+                    o.zero_grad(set_to_none=True)
+    hist = done or skipped      # when every step was skipped, their (non-finite) metrics say so
     out = {k: sum(s[k] for s in hist) / len(hist) for k in (hist[0] if hist else {})}
-    out["skipped_steps"], out["optimizer_steps"] = len(bad), len(done) + len(bad)
+    out.update(skipped_steps=len(skipped), optimizer_steps=len(done) + len(skipped), nonfinite_in_a_row=nonfinite)
     return out
 
 # -----------------------------------------------------------------------------
 # ExPO self-explanation term
 
-def expo_loss(model, r: Rollouts, beta=0.04, temperature=1.0, agg="token_mean", max_len=None, share=1.0):
+def expo_loss(model, r: Rollouts, beta=0.04, temperature=1.0, agg="token_mean", max_len=None, weight=1.0):
     """ExPO: the GRPO objective gains + beta * log pi(c~, a* | q), so the loss gains
         -beta * aggregate(log pi(token)) over the tokens of c~ (which ends in \\boxed{a*}).
     r: rows of QUESTION-ONLY prompts (tokenizer.prompt(q), not reward.expo_prompt) + the
     self-explanation tokens as responses (make_rollouts; no old_logp / advantages needed: this is a
     plain likelihood term, no ratio or clip). agg / max_len as aggregate_loss (use the update's).
-    share: under torchrun, this rank's rank_share of the rows; loss and metric are scaled by it.
+    weight: under torchrun, this rank's rank_weight of the rows; loss and metric are scaled by it.
     Returns (loss, {"expo_logp": the aggregated log-prob, detached})."""
     logp = response_logprobs(model, r, temperature)                      # [B, T], 0 on padding
-    lp = share * aggregate_loss(logp, r.mask, agg, max_len)
+    lp = weight * aggregate_loss(logp, r.mask, agg, max_len)
     return -beta * lp, {"expo_logp": lp.detach()}
 
-def expo_select(rewards, group_size, threshold=0.0):
+def expo_select(rewards, group, threshold=0.0):
     """bool [P]: the prompts whose group's mean reward is <= threshold (+1e-6 for float noise), i.e.
     where the policy is stuck near zero reward, which is where ExPO helps. rewards [B] with each
-    prompt's group_size samples contiguous (as group_advantages). threshold is in the reward's own
+    prompt's group samples contiguous (as group_advantages). threshold is in the reward's own
     units: 0.0 for 1/0 accuracy rewards (all wrong), -1.0 for Satori's 0/-1 r_rule."""
     B = rewards.shape[0]
-    if B % group_size != 0:
-        raise ValueError(f"batch {B} is not a multiple of group_size {group_size}")
-    mean = rewards.to(torch.float64).view(-1, group_size).mean(dim=1)   # [P]
+    if B % group != 0:
+        raise ValueError(f"batch {B} is not a multiple of group {group}")
+    mean = rewards.to(torch.float64).view(-1, group).mean(dim=1)   # [P]
     return mean <= threshold + 1e-6

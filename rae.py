@@ -1,5 +1,5 @@
 """
-Restart-and-Explore (Satori, arXiv 2502.02508), on token ids.
+Restart-and-Explore (RAE), on token ids.
 
 A COAT response is a sequence of steps; every step after the first starts with a meta-action token
 (<|continue|>, <|reflect|>, <|explore|>). For each question with both correct and incorrect samples,
@@ -8,11 +8,13 @@ prefix becomes part of a new prompt ("restart state") from which the policy must
   status +1: built from a correct trajectory   (D+; a wrong finish costs the -0.5 bonus in reward.py)
   status -1: built from an incorrect trajectory (D-; a correct finish earns +0.5)
   status  0: the original question.
-Satori builds the buffer offline, once, before RL (an online buffer drifted to mostly-correct
-states); RestartBuffer below is the minimal online variant.
+Satori builds the buffer offline, once, before RL (an online buffer drifts to mostly-correct
+states); so does train.py's orm stage, which writes it to out/orm/rae.jsonl for the rl stage.
 """
+import json
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 # -----------------------------------------------------------------------------
 # steps
@@ -23,7 +25,7 @@ class RestartState:
     prompt_ids: list   # the full prompt to sample from: question prompt (+ kept prefix + reflect)
     status: int        # reflect status: 0 original, +1 from a correct, -1 from an incorrect trajectory
 
-def split_steps(response_ids, meta_ids):
+def step_starts(response_ids, meta_ids):
     """Start index of each step: step 0 starts at 0, every meta-action token starts a new step.
     [] for an empty response. E.g. ids a b C c d R e (C, R meta) -> [0, 2, 5]."""
     if len(response_ids) == 0:
@@ -39,7 +41,7 @@ def backtrack(response_ids, meta_ids, max_back, rng, stop_ids=()):
     ids = list(response_ids)
     while ids and ids[-1] in stop_ids:
         ids.pop()
-    starts = split_steps(ids, meta_ids)
+    starts = step_starts(ids, meta_ids)
     t_max = min(max_back, len(starts) - 1)
     if t_max < 1:
         return ids
@@ -68,6 +70,10 @@ def restart_states(question_id, prompt_ids, samples, meta_ids, reflect_id, max_b
         states.append(RestartState(question_id, prompt_ids + kept + [reflect_id], status))
     return states
 
+def plain_states(problems, tok):
+    """Every question of problems as a status-0 state: the plain prompts RL draws from."""
+    return [RestartState(q, tok.encode_prompt(p["question"]), 0) for q, p in enumerate(problems)]
+
 def build_buffer(questions, meta_ids, reflect_id, max_back=2, seed=0, stop_ids=()):
     """Offline restart buffer (Satori's default) over many questions.
     questions: iterable of (question_id, prompt_ids, samples) with samples [(response_ids, correct)].
@@ -85,26 +91,16 @@ def build_buffer(questions, meta_ids, reflect_id, max_back=2, seed=0, stop_ids=(
             counts["all_correct" if any(ok for _, ok in samples) else "all_wrong"] += 1
     return states, counts
 
-class RestartBuffer:
-    """Online variant: restart states per question, refreshed from each new rollout.
-    add() replaces a question's states when the new samples are balanced and leaves them unchanged
-    otherwise (so a question does not vanish once the policy solves it every time)."""
+# -----------------------------------------------------------------------------
+# the buffer on disk: one JSON state per line
 
-    def __init__(self, meta_ids, reflect_id, max_back=2, seed=0, stop_ids=()):
-        self.meta_ids, self.reflect_id, self.max_back = set(meta_ids), reflect_id, max_back
-        self.stop_ids = set(stop_ids)
-        self.rng = random.Random(seed)
-        self.by_question = {}  # question_id -> list[RestartState]
+def write_buffer(path, states):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(asdict(s)) + "\n" for s in states)
 
-    def add(self, question_id, prompt_ids, samples):
-        s = restart_states(question_id, prompt_ids, samples, self.meta_ids, self.reflect_id,
-                           self.max_back, self.rng, self.stop_ids)
-        if s:
-            self.by_question[question_id] = s
-        return bool(s)
 
-    def states(self):
-        return [s for qs in self.by_question.values() for s in qs]
-
-    def __len__(self):
-        return sum(len(qs) for qs in self.by_question.values())
+def read_buffer(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"rl: {path} does not exist; run --stages=orm first (or --rae=false)")
+    with open(path) as f:
+        return [RestartState(**json.loads(line)) for line in f if line.strip()]

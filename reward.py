@@ -6,6 +6,8 @@ Grading and rewards: text in, scalar out.
   grade(text, gold)     True / False, or None when the response has no \\boxed answer
   satori_reward(...)    Satori's sequence reward: rule + sigmoid(ORM) + reflection bonus, clipped
   coat_grammar_ok(text) does a response follow the Chain-of-Action-Thought format?
+  exploration_reward    RLSP's reward for distinct reasoning steps
+  expo_prompt           ExPO's prompt for a self-explanation of a known answer
 
 is_equiv semantics (what counts as "the same answer"):
   - numbers are compared as exact rationals: "0.5" == "1/2" == "\\frac{1}{2}" == "\\dfrac12" ==
@@ -31,6 +33,8 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import accumulate, repeat
+
+from tokenizer import COAT_TOKENS, EXPLORE, REFLECT, Tokenizer
 
 # -----------------------------------------------------------------------------
 # answer extraction
@@ -104,30 +108,33 @@ def _small(x):
         raise _NotANumber
     return x
 
-def _evaluate(toks):
-    pos = 0
+class _Parser:
+    """Recursive descent over _tokenize's tokens, one method per grammar rule; depth counts nesting
+    so that adversarial input fails fast instead of exhausting the stack."""
 
-    def peek():
-        return toks[pos] if pos < len(toks) else None
+    def __init__(self, toks):
+        self.toks, self.pos = toks, 0
 
-    def take(expected=None):
-        nonlocal pos
-        if pos >= len(toks) or (expected is not None and toks[pos] != expected):
+    def peek(self):
+        return self.toks[self.pos] if self.pos < len(self.toks) else None
+
+    def take(self, expected=None):
+        if self.pos >= len(self.toks) or (expected is not None and self.toks[self.pos] != expected):
             raise _NotANumber
-        pos += 1
-        return toks[pos - 1]
+        self.pos += 1
+        return self.toks[self.pos - 1]
 
-    def expr(depth):                     # term (('+'|'-') term)*
-        v = term(depth)
-        while peek() in ("+", "-"):
-            op, w = take(), term(depth)
+    def expr(self, depth):               # term (('+'|'-') term)*
+        v = self.term(depth)
+        while self.peek() in ("+", "-"):
+            op, w = self.take(), self.term(depth)
             v = _small(v + w if op == "+" else v - w)
         return v
 
-    def term(depth):                     # unary (('*'|'/') unary)*
-        v = unary(depth)
-        while peek() in ("*", "/", "\\cdot", "\\times", "\\div"):
-            op, w = take(), unary(depth)
+    def term(self, depth):               # unary (('*'|'/') unary)*
+        v = self.unary(depth)
+        while self.peek() in ("*", "/", "\\cdot", "\\times", "\\div"):
+            op, w = self.take(), self.unary(depth)
             if op in ("/", "\\div"):
                 if w == 0:
                     raise _NotANumber
@@ -136,20 +143,20 @@ def _evaluate(toks):
                 v = _small(v * w)
         return v
 
-    def unary(depth):                    # ('+'|'-') unary | power ; so -2^2 = -(2^2)
+    def unary(self, depth):              # ('+'|'-') unary | power ; so -2^2 = -(2^2)
         if depth > _MAX_DEPTH:
             raise _NotANumber
-        if peek() in ("+", "-"):
-            op, v = take(), unary(depth + 1)
+        if self.peek() in ("+", "-"):
+            op, v = self.take(), self.unary(depth + 1)
             return -v if op == "-" else v
-        return power(depth)
+        return self.power(depth)
 
-    def power(depth):                    # atom ('^' unary)? ; right-associative: 2^3^2 = 2^9
-        base = atom(depth)
-        if peek() != "^":
+    def power(self, depth):              # atom ('^' unary)? ; right-associative: 2^3^2 = 2^9
+        base = self.atom(depth)
+        if self.peek() != "^":
             return base
-        take()
-        e = unary(depth + 1)
+        self.take()
+        e = self.unary(depth + 1)
         if e.denominator != 1:
             raise _NotANumber            # 4^{1/2} would need roots
         bits = max(base.numerator.bit_length(), base.denominator.bit_length(), 1)
@@ -159,33 +166,32 @@ def _evaluate(toks):
             raise _NotANumber
         return base ** int(e)
 
-    def atom(depth):                     # number | (expr) | {expr} | \frac{expr}{expr}
-        tok = take()
+    def atom(self, depth):               # number | (expr) | {expr} | \frac{expr}{expr}
+        tok = self.take()
         if isinstance(tok, Fraction):
             return tok
         if tok in ("(", "{"):
-            v = expr(depth + 1)
-            take(")" if tok == "(" else "}")
+            v = self.expr(depth + 1)
+            self.take(")" if tok == "(" else "}")
             return v
         if tok == "\\frac":
-            take("{"); num = expr(depth + 1); take("}")
-            take("{"); den = expr(depth + 1); take("}")
+            self.take("{"); num = self.expr(depth + 1); self.take("}")
+            self.take("{"); den = self.expr(depth + 1); self.take("}")
             if den == 0:
                 raise _NotANumber
             return _small(num / den)
         raise _NotANumber
-
-    v = expr(0)
-    if pos != len(toks):
-        raise _NotANumber
-    return v
 
 def parse_number(s):
     """Exact value of a normalised numeric expression as a Fraction, or None if it is not one."""
     if not s or len(s) > _MAX_LEN:
         return None
     try:
-        return _evaluate(_tokenize(s))
+        p = _Parser(_tokenize(s))
+        v = p.expr(0)
+        if p.pos != len(p.toks):
+            raise _NotANumber
+        return v
     except (_NotANumber, ZeroDivisionError, ValueError, OverflowError, RecursionError):
         return None
 
@@ -347,8 +353,7 @@ def _sigmoid(x):
 # -----------------------------------------------------------------------------
 # COAT grammar
 
-META_TOKENS = ("<|continue|>", "<|reflect|>", "<|explore|>")
-_META = re.compile(r"(<\|continue\|>|<\|reflect\|>|<\|explore\|>)")
+_META = re.compile("(" + "|".join(map(re.escape, COAT_TOKENS)) + ")")
 _SPECIAL = re.compile(r"<\|[A-Za-z_]+\|>")
 _END_TOKENS = re.compile(r"(?:\s*(?:<\|im_end\|>|<\|endoftext\|>))+\s*$")
 _ANSWER_TAIL = re.compile(r"[\s.$]*(?:\\[\])][\s.$]*)?")
@@ -378,19 +383,23 @@ def coat_grammar_ok(text):
     if any(not s.strip() for _, s in steps):
         return False
     for (prev, _), (meta, _) in zip(steps, steps[1:]):
-        if meta == "<|explore|>" and prev != "<|reflect|>":
+        if meta == EXPLORE and prev != REFLECT:
             return False
     last = steps[-1][1]
-    boxes = list(_BOXED.finditer(last))
-    if len(boxes) != 1:
-        return False
-    end = _close_brace(last, boxes[0].end(), len(last))
-    return end >= 0 and _ANSWER_TAIL.fullmatch(last, end + 1) is not None
+    return len(_BOXED.findall(last)) == 1 and answer_end(last) == len(last)
+
+
+def answer_end(text):
+    """Index just past the first \\boxed{...} of text and the punctuation that may follow an answer
+    (whitespace, '.', '$', a closing \\] or \\)); -1 when no \\boxed{ closes."""
+    m = _BOXED.search(text)
+    end = _close_brace(text, m.end(), len(text)) if m else -1
+    return -1 if end < 0 else _ANSWER_TAIL.match(text, end + 1).end()
 
 # -----------------------------------------------------------------------------
 # RLSP exploration reward
 
-# RLSP (REFERENCE.md) adds an exploration signal to the verifier's reward, decoupled from it and
+# RLSP adds an exploration signal to the verifier's reward, decoupled from it and
 # weighted by a coefficient with a schedule; its simplest form rewards more intermediate steps. A raw
 # step count is trivially farmed (newlines, repeated lines, empty <|continue|>s), so only DISTINCT,
 # INFORMATIVE steps count, and the count is capped: the bonus is bounded by coef whatever the length.
@@ -438,13 +447,6 @@ def exploration_reward(text, max_steps=8, coat=None):
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     return min(len(reasoning_steps(text, coat)), max_steps) / max_steps
 
-def rlsp_reward(correct, text, coef, max_steps=8, coat=None):
-    """RLSP sequence reward: r_correct + coef * exploration_reward(text), with r_correct = 0 if
-    correct is True else -1 (Satori's r_rule; None = no \\boxed answer = wrong). The exploration part
-    is paid whatever the outcome (decoupled from the verifier). coef comes from rlsp_coef. To combine
-    with Satori's full reward, add coef * exploration_reward(text) to satori_reward(...) instead."""
-    return (0.0 if correct is True else -1.0) + coef * exploration_reward(text, max_steps, coat)
-
 def rlsp_coef(step, total, coef0, schedule="constant"):
     """Weight of the exploration reward at RL step `step` of `total`.
     constant:     coef0 throughout.
@@ -459,83 +461,11 @@ def rlsp_coef(step, total, coef0, schedule="constant"):
     raise ValueError(f"unknown rlsp schedule {schedule!r} (expected 'constant' or 'linear_decay')")
 
 # -----------------------------------------------------------------------------
-# RLT teacher reward
-
-# RLT (REFERENCE.md): the teacher sees the question AND its solution and writes an explanation
-# between tags; the student reads question + explanation, then the solution is scored under the
-# student. The reward needs three rescored log-prob vectors; the caller gets them by tokenising the
-# explanation ONCE and placing the same ids in both contexts:
-#   teacher row: ids(rlt_teacher_prompt(q, sol) + "<think>") + ids(expl) + ids("</think>")
-#                -> teacher_expl_logp [E] at the expl ids
-#   student row: ids(RLT_STUDENT_PREFIX.format(question=q)) + ids(expl) + ids(RLT_STUDENT_SUFFIX)
-#                + ids(sol) -> student_expl_logp [E] at the expl ids, student_sol_logp [S] at the sol ids
-# (rlt_student_prompt(q, expl) is exactly that prefix + expl + suffix as one string.)
-
-RLT_MISSING_TAGS_REWARD = -1.0
-RLT_TEACHER_TEMPLATE = ("<|im_start|>user\nHere is a math problem and its solution. Explain step by step "
-                        "how to reach the solution, so that a student who sees only the problem and your "
-                        "explanation can solve it. Write the explanation between <think> and </think>.\n"
-                        "Problem: {question}\nSolution: {solution}<|im_end|>\n<|im_start|>assistant\n")
-# Satori's prompt (tokenizer.PROMPT_TEMPLATE, repeated here to keep reward.py free of imports), then the
-# explanation as the student's own thinking; the solution tokens follow the suffix.
-RLT_STUDENT_PREFIX = ("<|im_start|>user\nSolve the following math problem efficiently and clearly.\n"
-                      "Please reason step by step, and put your final answer within \\boxed{{}}.\n"
-                      "Problem: {question}<|im_end|>\n<|im_start|>assistant\n<think>")
-RLT_STUDENT_SUFFIX = "</think>\n"
-
-def rlt_teacher_prompt(question, solution):
-    return RLT_TEACHER_TEMPLATE.format(question=question, solution=solution)
-
-def rlt_student_prompt(question, explanation):
-    return RLT_STUDENT_PREFIX.format(question=question) + explanation + RLT_STUDENT_SUFFIX
-
-def extract_explanation(text, open_tag="<think>", close_tag="</think>"):
-    """The explanation between the tags, stripped; None if malformed: not exactly one open_tag and
-    one close_tag, the close before the open, or nothing but whitespace between them. Text before
-    the open tag or after the close tag is ignored."""
-    if text is None or text.count(open_tag) != 1 or text.count(close_tag) != 1:
-        return None
-    i, j = text.index(open_tag) + len(open_tag), text.index(close_tag)
-    if j < i:
-        return None
-    return text[i:j].strip() or None
-
-def _floats(x):
-    return [float(v) for v in (x.tolist() if hasattr(x, "tolist") else x)]   # tensor, array or list
-
-def rlt_reward(student_sol_logp, student_expl_logp, teacher_expl_logp, lam=3.0, alpha=0.01):
-    """RLT teacher reward r = r_SS - lam * r_KL (float), from 1-D log-prob vectors of the real tokens:
-      r_SS = mean_t(s_t) + alpha * min_t(s_t),  s_t = student log p of solution token t   [S]
-      r_KL = mean_t(d_t) + alpha * max_t(d_t),  d_t = teacher_expl_logp_t - student_expl_logp_t  [E]
-    r_SS: the student finds the solution likely (the min term: no token left very unlikely);
-    r_KL: the explanation is not much likelier under the teacher, who saw the solution, than under
-    the student, who did not (the max term: no token that only makes sense knowing the answer)."""
-    s, se, te = _floats(student_sol_logp), _floats(student_expl_logp), _floats(teacher_expl_logp)
-    if not s or not se or len(se) != len(te):
-        raise ValueError(f"need S > 0 and E > 0 equal for both explanation vectors, got "
-                         f"S={len(s)}, E={len(se)} and {len(te)}")
-    d = [t - u for t, u in zip(te, se)]
-    r_ss = math.fsum(s) / len(s) + alpha * min(s)
-    r_kl = math.fsum(d) / len(d) + alpha * max(d)
-    return r_ss - lam * r_kl
-
-def rlt_teacher_reward(explanation, student_sol_logp=None, student_expl_logp=None, teacher_expl_logp=None,
-                       lam=3.0, alpha=0.01):
-    """The teacher's reward for one sample: -1 when its output had no well-formed explanation
-    (explanation = extract_explanation(text) is None; no log-probs needed then), else rlt_reward."""
-    if explanation is None:
-        return RLT_MISSING_TAGS_REWARD
-    return rlt_reward(student_sol_logp, student_expl_logp, teacher_expl_logp, lam, alpha)
-
-# -----------------------------------------------------------------------------
 # ExPO self-explanation prompt (the loss term is ppo.expo_loss)
 
-EXPO_TEMPLATE = ("<|im_start|>user\nSolve the following math problem efficiently and clearly.\n"
-                 "Please reason step by step, and put your final answer within \\boxed{{}}.\n"
-                 "Problem: {question}\nThe correct final answer is {answer}. Write a solution that "
-                 "explains how to reach it.<|im_end|>\n<|im_start|>assistant\n")
-
 def expo_prompt(question, answer):
-    """The policy's prompt for a self-explanation c~ given the question AND the correct answer a*.
-    c~ (ending in \\boxed{a*}) is then scored under the question-only prompt by ppo.expo_loss."""
-    return EXPO_TEMPLATE.format(question=question, answer=answer)
+    """The policy's prompt for a self-explanation c~ given the question AND the correct answer a*:
+    Satori's prompt with the answer and the request after the question. c~ (ending in
+    \\boxed{a*}) is then scored under the question-only prompt by ppo.expo_loss."""
+    return Tokenizer.prompt(f"{question}\nThe correct final answer is {answer}. Write a solution that "
+                            "explains how to reach it.")

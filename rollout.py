@@ -30,6 +30,11 @@ class Completion:
     def finished(self):
         return self.finish_reason == "stop"
 
+    @property
+    def body(self):
+        """The generated ids without the stop id that ended them."""
+        return self.tokens[:-1] if self.finished else self.tokens
+
 
 @dataclass
 class _Seq:

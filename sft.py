@@ -177,6 +177,17 @@ def sft_train(model, examples, cfg, log=print, on_metrics=None, name="sft", ckpt
                       ckpt_dir=ckpt_dir, ckpt_every=ckpt_every, keep=keep)
 
 
+def orm_pairs(prompts, groups):
+    """(prompt, correct response, incorrect response) triples for the ORM: per prompt, its correct
+    and incorrect samples paired in order (groups[i]: [(response ids, correct), ...] of prompts[i])."""
+    pairs = []
+    for p, samples in zip(prompts, groups):
+        good = [r for r, ok in samples if ok]
+        bad = [r for r, ok in samples if not ok]
+        pairs += [(p, g, b) for g, b in zip(good, bad)]
+    return pairs
+
+
 def orm_train(value_model, pairs, cfg, margin=2.0, log=print, on_metrics=None, ckpt_dir=None, ckpt_every=0, keep=2):
     """Train a ValueModel as an outcome reward model on (prompt, chosen, rejected) triples of token
     ids, with the Bradley-Terry margin loss. Both responses of a pair sit in the same row."""
@@ -213,6 +224,74 @@ def _fmt_time(s):
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+def skip_if_nonfinite(values, in_a_row, limit, what, log):
+    """The guard of every training loop (SFT, the ORM, the PPO update): an optimizer step whose loss
+    or gradient norm is not finite is skipped. values: {name: float}, global over the processes, so
+    that every process decides alike. -> in_a_row: 0 when every value is finite (take the step),
+    else in_a_row + 1 after a warning (skip it). `limit` skips in a row raise RuntimeError: only a
+    lower learning rate or other data gets such a run going again."""
+    if all(math.isfinite(v) for v in values.values()):
+        return 0
+    in_a_row += 1
+    log(f"{what}: WARNING non-finite " + ", ".join(f"{k} {v}" for k, v in values.items())
+        + f": step skipped ({in_a_row} in a row)")
+    if in_a_row >= limit:
+        raise RuntimeError(f"{what}: {in_a_row} non-finite steps in a row, aborting: lower the learning rate or "
+                           "check the data and rewards (max_bad_steps sets the limit)")
+    return in_a_row
+
+
+def _optimizer(model, cfg, device):
+    """AdamW over the trainable parameters, decaying matrices only (nanoGPT's groups; a tied
+    embedding appears once in parameters()) -> (params, optimizer)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return params, torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+
+
+def _accumulate(model, rows, units, loss_fn, per, device, win):
+    """Forward and backward of one optimizer step's micro-batches (this rank's rows of each), the
+    loss normalised by the step's GLOBAL count of loss tokens (per="tokens") or units (per="units")
+    -> (this rank's share of the step's loss, its tokens); loss_fn's extra metrics go to win."""
+    micro = [collate(r, units, 0, device) for r in rows if r]                # may be [] on a rank
+    denom = max(1, parallel.all_sum(sum(b.n_loss if per == "tokens" else len(b.units) for b in micro)))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    step_loss, step_tokens = 0.0, 0
+    for b in micro:
+        with autocast:
+            loss_sum, extra = loss_fn(model, b)
+        (loss_sum / denom).backward()
+        step_loss += loss_sum.item() / denom
+        step_tokens += b.n_tokens
+        for k, v in extra.items():
+            win["extra"][k] = win["extra"].get(k, 0.0) + v
+        win["n"] += len(b.units)
+    return step_loss, step_tokens
+
+
+def _window(tokens):
+    """What a progress line averages over: the losses and extra metrics since the last line."""
+    return {"losses": [], "extra": {}, "n": 0, "t": time.time(), "tokens": tokens}
+
+
+def _report(win, name, step, steps, lr, gnorm, tokens, t0, start, say):
+    """The progress line and metrics of the window since the last one (extra metrics over all ranks)."""
+    parts = parallel.gather([(win["extra"], win["n"])])        # per-rank metric sums -> global
+    n = sum(k for _, k in parts)
+    extra = {k: sum(e.get(k, 0.0) for e, _ in parts) for k in dict.fromkeys(k for e, _ in parts for k in e)}
+    now = time.time()
+    tps = (tokens - win["tokens"]) / max(now - win["t"], 1e-9)
+    eta = (now - t0) / (step + 1 - start) * (steps - step - 1)
+    m = {"stage": name, "step": step + 1, "steps": steps,
+         "loss": sum(win["losses"]) / len(win["losses"]) if win["losses"] else float("nan"),
+         "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "eta_s": eta}
+    m.update({k: v / max(n, 1) for k, v in extra.items()})
+    say(f"{name} step {step + 1}/{steps} loss {m['loss']:.4f}" + "".join(f" {k} {m[k]:.3f}" for k in extra)
+        + f" lr {lr:.2e} gnorm {gnorm:.2f} tok/s {tps:.0f} eta {_fmt_time(eta)}")
+    return m
+
+
 def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=None, name="sft",
                ckpt_dir=None, ckpt_every=0, keep=2):
     """AdamW + warm-up/cosine + grad clipping + accumulation over packed micro-batches.
@@ -240,15 +319,7 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
         raise ValueError(f"{name}: an example has {max(lengths)} tokens, more than row_len={row_len}")
     plan = _plan(lengths, row_len, cfg, rng)
     steps = math.ceil(len(plan) / cfg.grad_accum)
-
-    # decay matrices only (nanoGPT); a tied embedding appears once in parameters()
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    pad_id = 0
-
+    params, opt = _optimizer(model, cfg, device)
     # the loop's state: what a checkpoint saves besides weights, optimizer and RNG
     run = {"stage": name, "step": 0, "steps": steps, "losses": [], "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0}
     if ckpt_dir:
@@ -258,65 +329,32 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
         run = {**run, **(checkpoint.resume(ckpt_dir, {"model": model}, {"opt": opt}, name, steps, say) or {})}
     start, losses, tokens = run["step"], run["losses"], run["tokens"]
     model.train()
-    window, extra_sum, extra_n = [], {}, 0
-    last = {"loss": losses[-1] if losses else float("nan")}
-    t0 = t_log = time.time()
-    tokens_log = tokens0 = tokens
+    last, win = {"loss": losses[-1] if losses else float("nan")}, _window(tokens)
+    t0, tokens0 = time.time(), tokens
     for step in range(start, steps):
         lr = lr_at(step, steps, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        mine = [rows[rank::world] for rows in plan[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
-        micro = [collate(rows, units, pad_id, device) for rows in mine if rows]   # may be [] on a rank
-        denom = max(1, parallel.all_sum(sum(b.n_loss if per == "tokens" else len(b.units) for b in micro)))
-        step_loss, step_tokens = 0.0, 0
-        for b in micro:
-            with autocast:
-                loss_sum, extra = loss_fn(model, b)
-            (loss_sum / denom).backward()
-            step_loss += loss_sum.item() / denom
-            step_tokens += b.n_tokens
-            for k, v in extra.items():
-                extra_sum[k] = extra_sum.get(k, 0.0) + v
-            extra_n += len(b.units)
+        rows = [r[rank::world] for r in plan[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
+        step_loss, step_tokens = _accumulate(model, rows, units, loss_fn, per, device, win)
         parallel.sync_grads(params)
         step_loss, step_tokens = parallel.all_sum([step_loss, step_tokens])
         tokens += step_tokens
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
-        # loss and grad norm are global, so every rank takes the same decision
-        if math.isfinite(step_loss) and math.isfinite(gnorm):
-            opt.step()
-            run["bad_in_a_row"] = 0
-            window.append(step_loss)
-        else:
+        run["bad_in_a_row"] = skip_if_nonfinite({"loss": step_loss, "grad norm": gnorm}, run["bad_in_a_row"],
+                                                cfg.max_bad_steps, f"{name} step {step + 1}/{steps}", say)
+        if run["bad_in_a_row"]:
             run["skipped_steps"] += 1
-            run["bad_in_a_row"] += 1
-            say(f"{name} step {step + 1}/{steps}: WARNING non-finite loss {step_loss} or grad norm {gnorm}, "
-                f"step skipped ({run['bad_in_a_row']} in a row, {run['skipped_steps']} in all)")
-            if run["bad_in_a_row"] >= cfg.max_bad_steps:
-                raise RuntimeError(f"{name}: {run['bad_in_a_row']} non-finite steps in a row (steps "
-                                   f"{step + 2 - run['bad_in_a_row']}..{step + 1}), aborting: lower the lr or "
-                                   "check the data (max_bad_steps sets the limit)")
+        else:
+            opt.step()
+            win["losses"].append(step_loss)
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
         if (step + 1) % cfg.log_every == 0 or step == steps - 1:
-            parts = parallel.gather([(extra_sum, extra_n)])        # per-rank metric sums -> global
-            extra_n = sum(n for _, n in parts)
-            extra_sum = {k: sum(s.get(k, 0.0) for s, _ in parts) for k in dict.fromkeys(k for s, _ in parts for k in s)}
-            now = time.time()
-            tps = (tokens - tokens_log) / max(now - t_log, 1e-9)
-            eta = (now - t0) / (step + 1 - start) * (steps - step - 1)
-            m = {"stage": name, "step": step + 1, "steps": steps,
-                 "loss": sum(window) / len(window) if window else float("nan"),
-                 "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "eta_s": eta}
-            m.update({k: v / max(extra_n, 1) for k, v in extra_sum.items()})
-            extras = "".join(f" {k} {m[k]:.3f}" for k in extra_sum)
-            say(f"{name} step {step + 1}/{steps} loss {m['loss']:.4f}{extras} lr {lr:.2e} "
-                f"gnorm {gnorm:.2f} tok/s {tps:.0f} eta {_fmt_time(eta)}")
+            last = _report(win, name, step, steps, lr, gnorm, tokens, t0, start, say)
             if on_metrics and rank == 0:
-                on_metrics(m)
-            last, window, t_log, tokens_log = m, [], now, tokens
-            extra_sum, extra_n = {}, 0
+                on_metrics(last)
+            win = _window(tokens)
         if ckpt_dir and ((ckpt_every > 0 and (step + 1) % ckpt_every == 0) or step == steps - 1):
             run.update(step=step + 1, losses=losses, tokens=tokens)
             checkpoint.save(ckpt_dir, f"step-{step + 1:08d}", {"model": model}, {"opt": opt}, run, keep=keep)

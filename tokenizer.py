@@ -10,10 +10,12 @@ import os
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 from tokenizers import AddedToken
 
-COAT_TOKENS = ("<|continue|>", "<|reflect|>", "<|explore|>")
+# COAT's meta-action tokens: go on, check what came before, try another way
+CONTINUE, REFLECT, EXPLORE = "<|continue|>", "<|reflect|>", "<|explore|>"
+COAT_TOKENS = (CONTINUE, REFLECT, EXPLORE)
 CHAT_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
-# Satori's prompt, used for SFT, RL and evaluation alike (REFERENCE.md).
+# Satori's prompt, used for SFT, RL and evaluation alike.
 PROMPT_TEMPLATE = ("<|im_start|>user\nSolve the following math problem efficiently and clearly.\n"
                    "Please reason step by step, and put your final answer within \\boxed{{}}.\n"
                    "Problem: {question}<|im_end|>\n<|im_start|>assistant\n")
@@ -91,15 +93,15 @@ class Tokenizer:
 
     @property
     def continue_id(self) -> int:
-        return self.token_id("<|continue|>")
+        return self.token_id(CONTINUE)
 
     @property
     def reflect_id(self) -> int:
-        return self.token_id("<|reflect|>")
+        return self.token_id(REFLECT)
 
     @property
     def explore_id(self) -> int:
-        return self.token_id("<|explore|>")
+        return self.token_id(EXPLORE)
 
     @property
     def coat_ids(self) -> set[int]:

@@ -1,15 +1,19 @@
-"""Every --algo (PPO, GRPO, Dr. GRPO, DAPO) and the RLSP / ExPO add-ons through the same code path as
-rl.rl_train (rl.algo_config -> ppo.set_advantages -> ppo.ppo_update) on a tiny model whose
-reward is learnable in a few steps: each method's mean reward must rise."""
+"""Every --algo (PPO, GRPO, Dr. GRPO, DAPO) and the RLSP / ExPO add-ons through rl.py's own phases
+(rollouts -> rewards -> ppo.set_advantages -> update) on a tiny model whose reward is learnable in a
+few steps: each method's mean reward must rise."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import ppo
-import reward
+import rlt
 import rl
 import train
 from model import ModelConfig, Transformer, ValueModel
+from rae import RestartState
 from rollout import Sampler
+from tokenizer import CONTINUE
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -27,7 +31,7 @@ CONT = 3   # a token that stands for <|continue|>: RLSP's exploration reward cou
 
 
 def as_text(tokens):
-    return "".join(reward.META_TOKENS[0] if t == CONT else f"word{t} is next. " for t in tokens)
+    return "".join(CONTINUE if t == CONT else f"word{t} is next. " for t in tokens)
 
 
 def run(algo, reward_fn=sevens, steps=12, lr=3e-3, expo_rows=None, reward_for=None, **over):
@@ -43,33 +47,35 @@ def run(algo, reward_fn=sevens, steps=12, lr=3e-3, expo_rows=None, reward_for=No
     ref = Transformer(CFG).eval().requires_grad_(False)
     ref.load_state_dict(policy.state_dict())
     critic = ValueModel(CFG) if pcfg.adv_estimator == "gae" else None
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    copt = torch.optim.Adam(critic.parameters(), lr=lr) if critic else None
-    n = PROMPTS * GROUP                       # samples per step, the same for every method
-    prompts = [[1, 2, i % 30] for i in range(n // group) for _ in range(group)]
-    sampler = Sampler(policy, max_batch=len(prompts), block_size=8, max_seq_len=32)
+    opts = {"opt": torch.optim.Adam(policy.parameters(), lr=lr)}
+    if critic:
+        opts["copt"] = torch.optim.Adam(critic.parameters(), lr=lr)
+    tok = SimpleNamespace(pad_id=0, decode=as_text)          # what the phases use of a tokenizer
+    states = [RestartState(i, [1, 2, i % 30], 0) for i in range(PROMPTS * GROUP // group)]  # the same samples per step
+    sampler = Sampler(policy, max_batch=PROMPTS * GROUP, block_size=8, max_seq_len=32)
+    scores = lambda _policy, _states, outs: [reward_fn(o.tokens) for o in outs]
     means, info = [], {}
     for step in range(steps):
-        outs = sampler.generate(prompts, max_new_tokens=NEW, temperature=1.0, seed=step)
-        seq_r = torch.tensor([reward_fn(o.tokens) for o in outs])
+        outs = sampler.generate([st.prompt_ids for st in states for _ in range(group)], max_new_tokens=NEW,
+                                temperature=1.0, seed=step)
+        s = rl.Samples(states, outs, [False] * len(outs), seed=step)
+        seq_r = rl.rewards(cfg, tok, s, ppo.make_rollouts([[1]] * len(outs), [o.tokens for o in outs], 0), group,
+                           step, steps, reward_fn=scores, policy=policy)
         means.append(float(seq_r.mean()))
-        rows = list(range(len(outs)))
         if pcfg.dynamic_sampling:      # DAPO: drop groups whose samples all got the same reward
-            rows = ppo.dynamic_sampling_keep(seq_r, group).nonzero().flatten().tolist()
-            if not rows:
+            keep = ppo.dynamic_sampling_keep(seq_r, group).view(-1, group)[:, 0].tolist()
+            if not any(keep):
                 continue
-        r = ppo.make_rollouts([prompts[i] for i in rows], [outs[i].tokens for i in rows], pad_id=0)
-        r.old_logp = torch.zeros_like(r.mask)
-        r.old_logp[r.mask.bool()] = torch.tensor([lp for i in rows for lp in outs[i].logprobs])
-        if pcfg.kl_coef or pcfg.kl_loss_coef:
-            r.ref_logp = ppo.response_logprobs(ref, r).detach()
-        finished = torch.ones(len(rows), dtype=torch.bool)
-        ppo.set_advantages(r, pcfg, seq_r[rows], finished, critic, NEW)
+            s = rl.Samples([st for st, k in zip(states, keep) if k],
+                           [o for i, o in enumerate(outs) if keep[i // group]], [False] * (group * sum(keep)), seed=step)
+            seq_r = seq_r[ppo.dynamic_sampling_keep(seq_r, group)]
+        r = rl.rollouts(policy, policy, ref if pcfg.kl_coef or pcfg.kl_loss_coef else None, tok, s, group, 1.0, "cpu")
+        ppo.set_advantages(r, pcfg, seq_r, torch.ones(len(s.outs), dtype=torch.bool), critic, NEW)
         extra = None
         if expo_rows is not None:
             er = ppo.make_rollouts(*expo_rows, pad_id=0)
             extra = lambda m: ppo.expo_loss(m, er, 0.5, 1.0, pcfg.loss_agg, pcfg.max_len)
-        info = ppo.ppo_update(policy, opt, r, pcfg, critic, copt, 1.0, 8, torch.Generator().manual_seed(step), extra)
+        info = rl.update(pcfg, policy, policy, critic, opts, r, 1.0, 8, s, extra, 0, print)
     return means, info
 
 
@@ -95,9 +101,9 @@ def test_algo_configs_differ_in_the_documented_lines():
 
 
 def test_rlsp_exploration_reward_is_learnable():
-    """PPO on RLSP's exploration reward alone: the policy learns to open more distinct steps."""
-    explore = lambda toks: reward.exploration_reward(as_text(toks), max_steps=4, coat=True)
-    means, _ = run("ppo", reward_fn=explore, steps=14)
+    """PPO on RLSP's exploration reward alone (rl.rewards adds it to a zero reward): the policy
+    learns to open more distinct steps."""
+    means, _ = run("ppo", reward_fn=lambda toks: 0.0, steps=14, rlsp_coef=1.0, rlsp_max_steps=4)
     assert sum(means[-3:]) / 3 > means[0] + 0.12, means
 
 
@@ -117,12 +123,12 @@ def test_set_advantages_group_rewards_by_hand():
     r = ppo.make_rollouts([[1]] * 4, [[5, 6], [5], [5, 6, 7, 8], [5, 6, 7]], pad_id=0)
     seq = torch.tensor([20.0, 0.0, 1.0, 1.0])
     fin = torch.tensor([True, False, True, True])
-    cfg = ppo.PPOConfig(adv_estimator="drgrpo", group_size=2, reward_clip=10.0, no_eos_penalty=-1.0)
+    cfg = ppo.PPOConfig(adv_estimator="drgrpo", group=2, reward_clip=10.0, no_eos_penalty=-1.0)
     ppo.set_advantages(r, cfg, seq, fin)
     # group 1: rewards 10 (clipped) and 0 - 1 = -1 -> mean 4.5 -> +5.5 / -5.5; group 2: equal -> 0
     assert torch.allclose(r.advantages[:, 0], torch.tensor([5.5, -5.5, 0.0, 0.0]))
     assert torch.equal(r.advantages != 0, (r.mask > 0) & torch.tensor([True, True, False, False])[:, None])
-    cfg = ppo.PPOConfig(adv_estimator="grpo", group_size=2, no_eos_penalty=0.0, overlong_buffer=2)
+    cfg = ppo.PPOConfig(adv_estimator="grpo", group=2, no_eos_penalty=0.0, overlong_buffer=2)
     ppo.set_advantages(r, cfg, torch.tensor([0.0, 0.0, 1.0, 1.0]), fin, budget=4)
     # overlong: lengths 2, 1 -> 0; lengths 4, 3 of budget 4 with buffer 2 -> -1, -0.5
     pen = torch.tensor([-1.0, -0.5])
@@ -134,7 +140,7 @@ def test_set_advantages_group_rewards_by_hand():
 
 def test_rlt_teacher_reward_is_learnable():
     """RLT: a frozen student that has learned 'a 5 in the explanation leads to the solution 9 9';
-    the teacher (GRPO, reward.rlt_reward with lambda 3, its own log-probs conditioned on the
+    the teacher (GRPO, rlt.teacher_reward with lambda 3, its own log-probs conditioned on the
     solution) learns to write explanations that make the solution likely for the student."""
     import random
     torch.manual_seed(1)
@@ -162,7 +168,7 @@ def test_rlt_teacher_reward_is_learnable():
                 t = ppo.response_logprobs(teacher, ppo.make_rollouts([[1, 2] + sol], [expl], 0))[0, :len(expl)]
                 s = ppo.response_logprobs(student, ppo.make_rollouts([[1, 2]], [expl + sol], 0))[0]
             n = len(expl)
-            return reward.rlt_reward(s[n:n + 2], s[:n], t, lam=3.0, alpha=0.01)
+            return rlt.teacher_reward(s[n:n + 2], s[:n], t, lam=3.0, alpha=0.01)
         return r
 
     means, _ = run("grpo", reward_for=reward_for, steps=12)

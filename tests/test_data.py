@@ -4,7 +4,7 @@ import random
 import pytest
 
 from data import (TaskConfig, builtin_split, check_steps, is_test, load_jsonl, make_problem,
-                  parse_question, parse_step, problem_from, problem_key, solution_steps, task_corpus)
+                  parse_question, parse_step, problem_from, problem_key, solution_steps)
 from reward import coat_grammar_ok, extract_answer, is_equiv
 
 # -----------------------------------------------------------------------------
@@ -172,9 +172,3 @@ def test_split_fails_loudly_on_a_tiny_space():
     cfg = TaskConfig(n_steps=1, ops="+", start_max=2, max_operand=2)   # only 4 problems exist
     with pytest.raises(ValueError, match="too small"):
         builtin_split(cfg, 10, 10, seed=0)
-
-def test_task_corpus():
-    texts = task_corpus(TaskConfig(), n=5, seed=0)
-    assert len(texts) == 10
-    assert texts[0].startswith("Start with ") and texts[1].startswith("Step 1: ")
-    assert texts == task_corpus(TaskConfig(), n=5, seed=0)

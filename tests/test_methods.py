@@ -3,10 +3,15 @@ import pytest
 import torch
 
 import ppo
+import rl
+import train
 from model import ModelConfig, Transformer
-from reward import (expo_prompt, exploration_reward, extract_explanation, reasoning_steps, rlsp_coef,
-                    rlsp_reward, rlt_reward, rlt_student_prompt, rlt_teacher_prompt, rlt_teacher_reward)
-from tokenizer import Tokenizer
+from rae import RestartState
+from reward import expo_prompt, exploration_reward, reasoning_steps, rlsp_coef
+from rlt import extract_explanation, student_prompt as rlt_student_prompt, teacher_prompt as rlt_teacher_prompt
+from rlt import reward_fn as rlt_reward_fn, teacher_reward as rlt_reward
+from rollout import Completion
+from tokenizer import Tokenizer, build_task_tokenizer
 
 # -----------------------------------------------------------------------------
 # RLSP exploration reward
@@ -48,12 +53,20 @@ def test_exploration_cap_and_max_steps():
         exploration_reward(text, max_steps=0)
 
 
-def test_rlsp_reward_right_wrong_and_no_answer():
-    assert rlsp_reward(True, COAT4, coef=0.5) == pytest.approx(0.25)
-    assert rlsp_reward(False, COAT4, coef=0.5) == pytest.approx(-0.75)   # exploration paid anyway
-    assert rlsp_reward(None, COAT4, coef=0.5) == pytest.approx(-0.75)
-    assert rlsp_reward(True, COAT4, coef=0.0) == 0.0
-    assert rlsp_reward(True, COAT4, coef=1.0, max_steps=4) == 1.0
+@pytest.fixture(scope="module")
+def tok():
+    return build_task_tokenizer([COAT4, Tokenizer.prompt("What is 2 + 3?")] * 3, vocab_size=300)
+
+
+def test_rlsp_reward_is_paid_right_or_wrong(tok):
+    """rl.rewards adds coef * exploration_reward to Satori's reward whatever the outcome."""
+    outs = [Completion(tokens=tok.encode(COAT4), finish_reason="stop")] * 2
+    s = rl.Samples(states=[RestartState(0, [1], 0)], outs=outs, correct=[True, False], seed=0)
+    r = ppo.make_rollouts([[1], [1]], [o.tokens for o in outs], tok.pad_id)
+    reward = lambda **kw: rl.rewards(train.Config(orm=False, **kw), tok, s, r, 2, 0, 10).tolist()
+    assert reward(rlsp_coef=0.5) == pytest.approx([0.25, -0.75])        # 0 / -1 rule + 0.5 * 4/8 steps
+    assert reward(rlsp_coef=0.0) == [0.0, -1.0]
+    assert reward(rlsp_coef=1.0, rlsp_max_steps=4) == pytest.approx([1.0, 0.0])
 
 
 def test_rlsp_coef_schedules():
@@ -92,9 +105,18 @@ def test_extract_explanation_and_missing_tags():
     for bad in ("no tags", "<think> open only", "close only </think>", "</think> reversed <think>",
                 "<think>a</think><think>b</think>", "<think> \n </think>", None):
         assert extract_explanation(bad) is None, bad
-    assert rlt_teacher_reward(extract_explanation("forgot the tags")) == -1.0
-    sol, se, te = [-0.5, -1.0, -2.0], [-1.0, -2.0, -0.5], [-0.5, -1.0, -1.0]
-    assert rlt_teacher_reward("expl", sol, se, te) == rlt_reward(sol, se, te)
+
+
+
+def test_rlt_reward_without_tags_or_stop(tok):
+    """A sample without well-formed tags, or one that never stopped, gets rlt_missing_tags_reward
+    (no model is run for them)."""
+    cfg = train.Config(rlt_missing_tags_reward=-7.0)
+    problems = [{"question": "What is 2 + 3?", "answer": "5"}]
+    outs = [Completion(tokens=tok.encode("forgot the tags") + [tok.eos_id], finish_reason="stop"),
+            Completion(tokens=tok.encode("<think> 2 + 3 = 5 </think>"), finish_reason="length")]
+    score = rlt_reward_fn(cfg, tok, problems, None, "cpu")
+    assert score(None, [RestartState(0, [1], 0)] * 2, outs) == [-7.0, -7.0]
 
 
 def test_rlt_and_expo_prompts():

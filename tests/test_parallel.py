@@ -35,7 +35,7 @@ RUNS = {
 # PPO: one optimizer step (minibatch = the global batch) of policy and critic; each rank holds a
 # contiguous half of the rows, as it would after sampling its share of the prompts
 # run -> (loss_agg, ExPO term): None; "all": EXPO's rows split unevenly (rank 0 the first, rank 1
-# the other three), each rank's term weighted by ppo.rank_share; "rank0": only rank 0 has any (the
+# the other three), each rank's term weighted by ppo.rank_weight; "rank0": only rank 0 has any (the
 # first two), the others pass None. Either way the one-process run holds the same rows and term.
 PPO_RUNS = {"token_mean": ("token_mean", None), "seq_mean": ("seq_mean", None),
             "seq_sum_norm": ("seq_sum_norm", "all"), "expo_all": ("token_mean", "all"),
@@ -72,8 +72,8 @@ def expo_term(which, agg, max_len):
     split = {"all": [(0, 4), (0, 1), (1, 4)], "rank0": [(0, 2), (0, 2), (0, 0)]}[which]
     lo, hi = split[0 if parallel.world() == 1 else 1 + parallel.rank()]
     er = ppo.make_rollouts(EXPO[0][lo:hi], EXPO[1][lo:hi], 0) if hi > lo else None
-    share = ppo.rank_share(None if er is None else er.mask, agg, torch.device("cpu"))   # every rank calls it
-    return None if er is None else (lambda m: ppo.expo_loss(m, er, 0.5, 1.0, agg, max_len, share))
+    weight = ppo.rank_weight(None if er is None else er.mask, agg, torch.device("cpu"))   # every rank calls it
+    return None if er is None else (lambda m: ppo.expo_loss(m, er, 0.5, 1.0, agg, max_len, weight))
 
 
 def ppo_step(run):
@@ -135,24 +135,26 @@ def rl_step_with_uneven_ranks():
     """One rl_train step (DAPO + ExPO) where the ranks keep different numbers of groups (rank 0 none
     of its two, rank 1 both, dealt out 1 + 1) and only rank 1 has ExPO rows: every rank joins every
     collective (a hang otherwise), and each graded row stays with its own prompt."""
+    import data
+    import rae
     import rl
     import train as trainer
     from tokenizer import build_task_tokenizer
     rank = parallel.rank()
     cfg = trainer.parse_args(["--n_train=8", "--rl_batch=8", "--minibatch_size=4", "--micro_batch=2", "--algo=dapo",
-                              "--group_size=2", "--dapo_max_refills=0", "--expo=true", "--rl_max_new_tokens=4"])
-    problems = trainer.load_problems(cfg)[0]
+                              "--grpo_group=2", "--dapo_max_refills=0", "--expo=true", "--rl_max_new_tokens=4"])
+    problems = data.load_problems(cfg)[0]
     tok = build_task_tokenizer([p["question"] for p in problems], vocab_size=300)
     torch.manual_seed(0)
     policy = Transformer(dataclasses.replace(CFG, vocab_size=tok.vocab_size, max_position_embeddings=256))
     real_grade, real_expo = rl.sample_and_grade, rl.expo_rollouts
 
     def grade(sampler, tok_, probs, prompts, qids, n, *a, **k):
-        outs, responses, _ = real_grade(sampler, tok_, probs, prompts, qids, n, *a, **k)
+        outs, _ = real_grade(sampler, tok_, probs, prompts, qids, n, *a, **k)
         ok = [rank == 1 and i % n == 0 for i in range(len(outs))]       # rank 1's groups: one right each
         for i, o in enumerate(outs):
             o.tag = (prompts[i // n], ok[i])
-        return outs, responses, ok
+        return outs, ok
 
     def score(policy, states, outs):          # the rows as rl_train pairs them after dealing out
         assert [o.tag[0] for o in outs] == [s.prompt_ids for s in states]
@@ -161,7 +163,7 @@ def rl_step_with_uneven_ranks():
     rl.sample_and_grade = grade
     rl.expo_rollouts = lambda *a: None if rank == 0 else ppo.make_rollouts([[1, 2]], [[3, 4]], tok.pad_id)
     try:
-        m = rl.rl_train(cfg, policy, tok, problems, trainer.plain_pool(problems, tok), 1.0, 2, 1, score=score,
+        m = rl.rl_train(cfg, policy, tok, problems, rae.plain_states(problems, tok), 1.0, 2, 1, reward_fn=score,
                         log=lambda *a, **k: None)
     finally:
         rl.sample_and_grade, rl.expo_rollouts = real_grade, real_expo

@@ -274,10 +274,3 @@ def test_value_loss_clip_cases():
     loss, m = ppo.value_loss(values, old, ret, mask, value_clip=None)
     assert loss.item() == pytest.approx(0.5 * (0 + 0.16 + 1 + 2.25 + 0.25 + 1) / 6)
     assert m["vf_clipfrac"].item() == 0.0
-
-
-def test_config_defaults_match_reference():
-    c = ppo.PPOConfig()
-    assert (c.gamma, c.lam, c.clip, c.value_clip, c.kl_coef, c.reward_clip) == (1.0, 0.95, 0.2, 0.2, 0.0, 10.0)
-    assert c.whiten_advantages and c.loss_agg == "token_mean" and c.clip_high is None
-    assert (c.actor_lr, c.critic_lr, c.betas, c.grad_clip) == (2e-7, 5e-6, (0.9, 0.95), 1.0)

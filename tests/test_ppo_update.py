@@ -101,7 +101,7 @@ def test_non_finite_steps_are_skipped_and_abort_when_in_a_row():
     info, said, before, after = nan_rows_update([0, 1, 2])   # every step skipped: weights untouched
     assert info["skipped_steps"] == 3 and math.isnan(info["policy_loss"])
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    with pytest.raises(RuntimeError, match="2 non-finite optimizer steps in a row"):
+    with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
         nan_rows_update([1, 2], max_bad_steps=2)
 
 
@@ -110,9 +110,9 @@ def test_tiny_rl_run_raises_a_learnable_reward():
     torch.manual_seed(0)
     policy, critic = Transformer(CFG), ValueModel(CFG)
     sampler = Sampler(policy, max_batch=32, block_size=8, max_seq_len=32)
-    cfg = ppo.PPOConfig(minibatch_size=16, ppo_epochs=2, actor_lr=3e-3, critic_lr=3e-3)
-    opt = torch.optim.Adam(policy.parameters(), lr=cfg.actor_lr)
-    copt = torch.optim.Adam(critic.parameters(), lr=cfg.critic_lr)
+    cfg = ppo.PPOConfig(minibatch_size=16, ppo_epochs=2)
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    copt = torch.optim.Adam(critic.parameters(), lr=3e-3)
     prompts = [[1, 2, i % 30] for i in range(32)]
     means = []
     for step in range(12):

@@ -14,12 +14,12 @@ GOOD = [1, 2, C, 3, 4, C, 5, 6, R, 7, EOS]
 BAD = [11, E, 12, C, 13, EOS]
 
 
-def test_split_steps():
-    assert rae.split_steps(GOOD, META) == [0, 2, 5, 8]
-    assert rae.split_steps(BAD, META) == [0, 1, 3]
-    assert rae.split_steps([C, 1, 2, R, 3], META) == [0, 3]  # leading meta token: still one step 0
-    assert rae.split_steps([1, 2, 3], META) == [0]
-    assert rae.split_steps([], META) == []
+def test_step_starts():
+    assert rae.step_starts(GOOD, META) == [0, 2, 5, 8]
+    assert rae.step_starts(BAD, META) == [0, 1, 3]
+    assert rae.step_starts([C, 1, 2, R, 3], META) == [0, 3]  # leading meta token: still one step 0
+    assert rae.step_starts([1, 2, 3], META) == [0]
+    assert rae.step_starts([], META) == []
 
 
 def test_backtrack_cuts_at_step_boundaries():
@@ -75,14 +75,3 @@ def test_build_buffer_counts_and_determinism():
     # different seeds eventually pick different correct samples / cut points for question 3
     variants = {tuple(rae.build_buffer(questions, META, R, seed=s)[0][4].prompt_ids) for s in range(30)}
     assert len(variants) > 1
-
-
-def test_online_buffer_refreshes():
-    buf = rae.RestartBuffer(META, R, seed=0)
-    assert buf.add(0, PROMPT, [(GOOD, True), (BAD, False)])
-    assert len(buf) == 3
-    first = buf.states()
-    assert not buf.add(0, PROMPT, [(GOOD, True)])  # unbalanced: previous states stay
-    assert buf.states() == first
-    assert buf.add(1, [4], [(BAD, False), (GOOD, True)])
-    assert len(buf) == 6 and {s.question_id for s in buf.states()} == {0, 1}

@@ -92,7 +92,7 @@ def test_sigkill_mid_rl_then_resume_is_bitwise(prepared, tmp_path):
 def test_configs_that_cannot_work_are_refused(tmp_path):
     out = str(tmp_path)
     bad = [(["--algo=sgd"], "--algo=sgd"),
-           (["--algo=grpo", "--group_size=3", "--stages=rl"], "--rl_batch=64 must be a multiple of --group_size"),
+           (["--algo=grpo", "--grpo_group=3", "--stages=rl"], "--rl_batch=64 must be a multiple of --grpo_group"),
            (["--minibatch_size=48"], "--minibatch_size=48 must divide --rl_batch=64"),
            (["--rl_max_new_tokens=600"], "max_position_embeddings=1024"),
            (["--rlsp_schedule=cosine"], "--rlsp_schedule=cosine"),
@@ -145,7 +145,7 @@ def test_torchrun_two_processes_run_the_stages(prepared, tmp_path):
     assert all(r["n"] == 4 for r in res["stages"])
     steps = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"rl_round1"' in l and '"reward"' in l]
     assert [s["step"] for s in steps] == list(range(1, 13))
-    p = run("--stages=rl,eval", "--algo=grpo", "--group_size=2")
+    p = run("--stages=rl,eval", "--algo=grpo", "--grpo_group=2")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 

@@ -1,23 +1,26 @@
-"""COAT demonstration synthesis (data.py): scripted generators show that every trajectory type is
+"""COAT demonstration synthesis (coat.py): scripted generators show that every trajectory type is
 produced and says the right thing; a tiny random model runs the real Sampler end to end."""
 import json
+import random
 import re
 from collections import Counter
 
 import pytest
 import torch
 
-from data import (COAT_TYPES, SynthConfig, apply_op, builtin_split, load_jsonl, parse_question, parse_step,
-                  problem_from, sampler_generator, split_cot, synthesize_coat, synthesize_stats,
-                  task_critic, task_corpus, write_demos)
+from coat import (COAT_TYPES, SynthConfig, sampler_generator, split_cot, synthesize_coat, synthesize_stats,
+                  task_critic, write_demos)
+from data import TaskConfig, apply_op, builtin_split, load_jsonl, make_problem, parse_question, parse_step, problem_from
 from model import ModelConfig, Transformer
-from reward import META_TOKENS, coat_grammar_ok, grade, split_steps
+from reward import coat_grammar_ok, grade, split_steps
 from rollout import Sampler
-from tokenizer import Tokenizer, build_task_tokenizer
+from tokenizer import COAT_TOKENS, Tokenizer, build_task_tokenizer
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = task_corpus(n=300) + [Tokenizer.prompt(q) for q in ("What is 2 + 3?", "Start with 5.")]
+    rng = random.Random(0)
+    texts = [t for p in (make_problem(rng, TaskConfig()) for _ in range(300)) for t in (p["question"], p["solution"])]
+    texts += [Tokenizer.prompt(q) for q in ("What is 2 + 3?", "Start with 5.")]
     return build_task_tokenizer(texts, vocab_size=320)
 
 def _parse_prompt(tok, ids):
@@ -80,7 +83,7 @@ def check_record(rec, problem):
     assert text.endswith("<|im_end|>") and rec["prompt"] == Tokenizer.prompt(problem["question"])
     body = text[:-len("<|im_end|>")]
     assert coat_grammar_ok(text) and grade(text, problem["answer"]) is True
-    for m in META_TOKENS:                                     # COAT tokens only at step starts
+    for m in COAT_TOKENS:                                     # COAT tokens only at step starts
         for i in [x.start() for x in re.finditer(re.escape(m), body)]:
             assert body[i - 1] == "\n" and re.match(r"(Step \d+: |Let me check |The answer is )", body[i + len(m):])
     ref, kinds, chain = _reference_lines(problem), [], []

@@ -1,4 +1,4 @@
-"""train.py: CLI overrides, self-correction counting on hand-made responses, evaluate, a tiny chain."""
+"""train.py: CLI overrides, the stage table, a tiny chain of every stage, the RL stages, problem loading."""
 import json
 import os
 import shutil
@@ -6,10 +6,16 @@ import shutil
 import pytest
 
 import data
+import rae
 import train
-from train import Config, parse_args, reflect_start_state, score_responses
+from tokenizer import CONTINUE as C, EXPLORE as E, REFLECT as R
+from train import Config, parse_args
 
-R, C, E = "<|reflect|>", "<|continue|>", "<|explore|>"
+# a built-in problem: 47 + 38 = 85, 85 * 3 = 255, 255 - 59 = 196
+P = data.problem_from(47, [("+", 38), ("*", 3), ("-", 59)])
+S1, S2, S3 = "Step 1: 47 + 38 = 85.", "Step 2: 85 * 3 = 255.", "Step 3: 255 - 59 = 196."
+BAD2 = "Step 2: 85 * 3 = 245."
+
 
 
 def test_parse_args_types_and_errors():
@@ -25,6 +31,8 @@ def test_parse_args_types_and_errors():
         parse_args(["--seed=abc"])
     with pytest.raises(SystemExit, match="--key=value"):
         parse_args(["seed=1"])
+    with pytest.raises(SystemExit, match="--group_size is now --grpo_group"):
+        parse_args(["--group_size=8"])
 
 
 def test_stage_registry_and_unknown_stage(tmp_path):
@@ -38,76 +46,6 @@ def test_stage_registry_and_unknown_stage(tmp_path):
 def test_sft_stage_needs_demos(tmp_path):
     with pytest.raises(SystemExit, match="demos.jsonl does not exist"):
         train.main([f"--out={tmp_path}", "--stages=sft", "--n_train=10", "--n_test=5"])
-
-
-# a built-in problem: 47 + 38 = 85, 85 * 3 = 255, 255 - 59 = 196
-P = data.problem_from(47, [("+", 38), ("*", 3), ("-", 59)])
-S1, S2, S3 = "Step 1: 47 + 38 = 85.", "Step 2: 85 * 3 = 255.", "Step 3: 255 - 59 = 196."
-BAD2 = "Step 2: 85 * 3 = 245."
-
-
-def test_reflect_start_state():
-    assert reflect_start_state(f"{S1}\n{S2}\n{S3}\nThe answer is \\boxed{{196}}.", P) is None   # no reflect
-    # 1. a boxed answer before the reflection: that answer is graded
-    assert reflect_start_state(f"{S1}\n{S2}\n{S3}\nThe answer is \\boxed{{196}}.{R}Check.", P) is True
-    assert reflect_start_state(f"\\boxed{{5}}{R}Hm.", P) is False
-    # 2. built-in task, no answer yet: right so far iff every written step is right
-    assert reflect_start_state(f"{S1}\n{C}{S2}\n{R}Verify step 2.", P) is True
-    assert reflect_start_state(f"{S1}\n{C}{BAD2}\n{R}In step 2 ...", P) is False
-    assert reflect_start_state(f"{R}nothing yet", P) is None
-    # 3. a user's problem without an answer before the reflection: unknown
-    assert reflect_start_state(f"x = 3 {R} hmm \\boxed{{3}}", {"question": "Solve x", "answer": "3"}) is None
-
-
-def test_score_responses_self_correction_counts():
-    texts = [
-        # wrong step, reflect, fixed: wrong -> right
-        f"{S1}\n{C}{BAD2}\n{R}In step 2, 85 * 3 is 255.{E}{S2}\n{C}{S3}\nThe answer is \\boxed{{196}}.",
-        # wrong boxed answer, reflect, corrected: wrong -> right
-        f"{S1}\n{S2}\nThe answer is \\boxed{{200}}.{R}Step 3 is missing.{E}{S3}\nThe answer is \\boxed{{196}}.",
-        # right so far, reflect, then broken: right -> wrong
-        f"{S1}\n{C}{S2}\n{R}Verify: fine.{C}Step 3: 255 - 59 = 197.\nThe answer is \\boxed{{197}}.",
-        # right so far, verified, right: no change
-        f"{S1}\n{C}{S2}\n{R}Verify: fine.{C}{S3}\nThe answer is \\boxed{{196}}.",
-        # wrong boxed answer changed to another wrong one: a change, neither direction
-        f"\\boxed{{1}}{R}No.{E}The answer is \\boxed{{2}}.",
-        # no reflection at all, correct
-        f"{S1}\n{S2}\n{S3}\nThe answer is \\boxed{{196}}.",
-        # no answer at all
-        "Step 1: I do not know.",
-    ]
-    m = score_responses(texts, [P] * len(texts), lengths=[10, 20, 30, 40, 50, 60, 70])
-    assert m["n"] == 7 and m["n_changed"] == 4
-    assert m["wrong_to_right"] == pytest.approx(2 / 4) and m["right_to_wrong"] == pytest.approx(1 / 4)
-    assert m["pass_at_1"] == pytest.approx(4 / 7)
-    assert m["reflect_rate"] == pytest.approx(5 / 7) and m["explore_rate"] == pytest.approx(3 / 7)
-    assert m["boxed_rate"] == pytest.approx(6 / 7) and m["mean_length"] == pytest.approx(40)
-    assert m["mean_steps"] == pytest.approx((5 + 3 + 4 + 4 + 3 + 1 + 1) / 7)
-    assert m["grammar_ok"] == pytest.approx(6 / 7)      # all but the one without an answer
-    assert score_responses([texts[-2]], [P])["n_changed"] == 0
-    assert score_responses([texts[3]], [P])["wrong_to_right"] == 0.0
-
-
-class Canned:
-    """A fake Sampler: returns fixed token sequences, one per prompt, in order."""
-    def __init__(self, outs):
-        self.outs = outs
-
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=None, seed=None):
-        assert temperature == 0.0 and len(prompts) == len(self.outs)
-        from rollout import Completion
-        return [Completion(tokens=t, logprobs=[0.0] * len(t), finish_reason="stop") for t in self.outs]
-
-
-def test_evaluate_with_fake_sampler():
-    from tokenizer import Tokenizer, build_task_tokenizer
-    tok = build_task_tokenizer([Tokenizer.prompt(P["question"]) + P["solution"]] * 5, vocab_size=300)
-    right = tok.encode(P["solution"]) + [tok.eos_id]
-    wrong = tok.encode("Step 1: 1 + 1 = 2.\nThe answer is \\boxed{2}.") + [tok.eos_id]
-    m, texts = train.evaluate(None, tok, [P, P], sampler=Canned([right, wrong]), return_texts=True)
-    assert m["pass_at_1"] == 0.5 and m["boxed_rate"] == 1.0
-    assert m["mean_length"] == (len(right) + len(wrong)) / 2
-    assert texts[0] == P["solution"]                   # stop token stripped from the text
 
 
 TINY = ["--n_train=64", "--n_test=4", "--n_rl=64", "--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=1",
@@ -188,10 +126,10 @@ def test_tiny_rl_stages(tmp_path, capsys, monkeypatch):
     import rl
     from model import ValueModel
     policy, tok = train.load_stage(train.parse_args([f"--out={out}"] + small), "rl_round1")
-    pool = train.plain_pool(train.load_problems(train.parse_args(small))[2], tok)
+    pool = rae.plain_states(data.load_problems(train.parse_args(small))[2], tok)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     cfg = train.parse_args(small + ["--sampler_dtype=bfloat16", "--rl_steps=1", "--rl_ckpt_every=0"])
-    m = rl.rl_train(cfg, policy, tok, train.load_problems(cfg)[2], pool, 1.0, 1, 1, critic=ValueModel.from_policy(policy),
+    m = rl.rl_train(cfg, policy, tok, data.load_problems(cfg)[2], pool, 1.0, 1, 1, critic=ValueModel.from_policy(policy),
                     ckpt_dir=os.path.join(out, "ck"))
     assert m["step"] == 1 and m["skipped_steps"] == 0
     assert any(not v.equal(policy.state_dict()[k]) for k, v in before.items())
@@ -201,14 +139,14 @@ def test_tiny_rl_stages(tmp_path, capsys, monkeypatch):
     real = rl.sample_and_grade
     def graded(mixed):
         def sample_and_grade(*a, **k):
-            outs, responses, ok = real(*a, **k)
-            return outs, responses, [mixed and i % 2 == 0 for i in range(len(ok))]
+            outs, ok = real(*a, **k)
+            return outs, [mixed and i % 2 == 0 for i in range(len(ok))]
         return sample_and_grade
-    cfg = train.parse_args(small + ["--algo=dapo", "--group_size=2", "--rl_steps=1", "--rl_ckpt_every=0"])
+    cfg = train.parse_args(small + ["--algo=dapo", "--grpo_group=2", "--rl_steps=1", "--rl_ckpt_every=0"])
     for mixed, want in ((True, cfg.rl_batch // 2), (False, None)):
         monkeypatch.setattr(rl, "sample_and_grade", graded(mixed))
         before = {k: v.clone() for k, v in policy.state_dict().items()}
-        m = rl.rl_train(cfg, policy, tok, train.load_problems(cfg)[2], pool, 1.0, 2, 1)
+        m = rl.rl_train(cfg, policy, tok, data.load_problems(cfg)[2], pool, 1.0, 2, 1)
         assert m.get("prompts") == want
         assert any(not v.equal(policy.state_dict()[k]) for k, v in before.items()) == (want is not None)
 
@@ -231,17 +169,17 @@ def test_rl_questions_are_new_problems(tmp_path):
     """The built-in RL questions are n_rl problems beyond the n_train (which stay the same with or
     without them), disjoint from both splits; n_rl=0 and --data reuse the training questions."""
     from data import problem_key
-    tr, te, rlq = train.load_problems(Config(n_train=50, n_test=10, n_rl=40))
-    tr0, te0, rl0 = train.load_problems(Config(n_train=50, n_test=10, n_rl=0))
+    tr, te, rlq = data.load_problems(Config(n_train=50, n_test=10, n_rl=40))
+    tr0, te0, rl0 = data.load_problems(Config(n_train=50, n_test=10, n_rl=0))
     assert tr == tr0 and te == te0 and rl0 is tr0 and len(rlq) == 40
-    tr2, te2, rl2 = train.load_problems(Config(n_train=50, n_test=30, n_rl=40))     # n_test extends the test set only
+    tr2, te2, rl2 = data.load_problems(Config(n_train=50, n_test=30, n_rl=40))     # n_test extends the test set only
     assert tr2 == tr and rl2 == rlq and te2[:10] == te
     keys = [problem_key(p) for p in tr + te + rlq]
     assert len(set(keys)) == len(keys)
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"question": f"q{i}", "answer": str(i)}) + "\n" for i in range(8)))
     for extra in ({}, {"test_data": str(path)}):
-        tr, te, rlq = train.load_problems(Config(data=str(path), n_test=2, **extra))
+        tr, te, rlq = data.load_problems(Config(data=str(path), n_test=2, **extra))
         assert rlq is tr and len(tr) == (8 if extra else 6)
 
 
