@@ -37,11 +37,8 @@ def _timed(fn, device, repeat):
     return statistics.median(times)
 
 
-def bench_sampler(args):
-    """Output tokens/s of our sampler and of transformers' generate on the same random-weight model,
-    the same prompts and the same number of new tokens (sampling at temperature 1, EOS ignored)."""
-    import transformers
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _sampler_case(args):
+    """(model config, dtype, prompt lengths, output lengths, prompts) of a sampler benchmark."""
     if args.gpu_shape:   # Qwen2.5-0.5B
         cfg = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                           num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
@@ -58,6 +55,15 @@ def bench_sampler(args):
     else:
         plens, olens = [args.prompt_len] * args.prompts, [args.new_tokens] * args.prompts
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in plens]
+    return cfg, dtype, plens, olens, prompts
+
+
+def bench_sampler(args):
+    """Output tokens/s of our sampler and of transformers' generate on the same random-weight model,
+    the same prompts and the same number of new tokens (sampling at temperature 1, EOS ignored)."""
+    import transformers
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, dtype, plens, olens, prompts = _sampler_case(args)
     torch.manual_seed(0)
     ours = Transformer(cfg).to(device=device, dtype=dtype).eval()
     hf_cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "torch_dtype")})
@@ -204,7 +210,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=151936, help="logprob: vocabulary")
     ap.add_argument("--hidden", type=int, default=896, help="logprob: hidden size")
     args = ap.parse_args()
-    res = {"sampler": bench_sampler, "logprob": globals().get("bench_logprob")}[args.what](args)
+    res = {"sampler": bench_sampler, "logprob": bench_logprob}[args.what](args)
     with open(args.json or f"bench_{args.what}.json", "w") as fh:
         json.dump(res, fh, indent=2)
 

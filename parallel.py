@@ -19,7 +19,7 @@ if dist.is_available():
     # Imported after init_process_group, torch.distributed.nn binds the live default group into its
     # functions' default arguments (group=group.WORLD), so destroy_process_group cannot free it and
     # gloo's threads run on into interpreter exit, where they can abort a finished run (SIGABRT,
-    # "terminate called without an active exception", seen once in CI). torch.optim imports it
+    # "terminate called without an active exception"). torch.optim imports it
     # through torch._dynamo on the first optimizer, so import it here, before there is a group to bind.
     import torch.distributed.nn  # noqa: F401
 

@@ -75,11 +75,6 @@ def _masked_moments(x, mask, unbiased, all_ranks):
         var = var * n / (n - 1) if n > 1 else torch.zeros_like(var)
     return mean, var
 
-def masked_var(x, mask, unbiased=True, all_ranks=False):
-    """Variance over masked entries. Unbiased (n-1), as TRL/OpenRLHF whitening does; 0 if n < 2.
-    all_ranks=True: over the masked entries of every rank's x (a collective: all ranks must call)."""
-    return _masked_moments(x, mask.to(x.dtype), unbiased, all_ranks)[1]
-
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8, all_ranks=True):
     """(x - mean) / std over the masked entries of the whole batch; padding -> 0.
     With shift_mean=False the mean is added back (only the scale changes), as for rewards.

@@ -294,30 +294,19 @@ def _report(win, name, step, steps, lr, gnorm, tokens, t0, start, say):
 
 def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=None, name="sft",
                ckpt_dir=None, ckpt_every=0, keep=2):
-    """AdamW + warm-up/cosine + grad clipping + accumulation over packed micro-batches.
-    units: list of lists of documents (ids, n_prompt); loss_fn(model, batch) -> (loss sum, metrics);
-    per: "tokens" (normalise by the step's loss tokens) or "units" (by its units, e.g. ORM pairs).
-    Under torchrun (parallel.init() called) every rank builds the same plan and takes the rows
-    rank, rank + world, ... of each micro-batch; the loss is normalised by global counts and the
-    gradients summed, so the batch config means the same for any number of processes. Only rank 0
-    logs. A step whose loss or grad norm is not finite is skipped; cfg.max_bad_steps in a row abort.
-    ckpt_dir: resume from its newest checkpoint (if any), save one every ckpt_every steps (0: only
-    after the last step) keeping the newest `keep`.
-    Returns {"steps", "loss" (mean of the last log window), "first_loss", "losses" (per step),
-    "tokens" (all ranks), "time_s", "tokens_per_s", "skipped_steps", "resumed_from"} (+ "acc" for
-    the ORM)."""
+    """AdamW + warm-up/cosine + grad clipping + accumulation over packed micro-batches (the module
+    docstring says how processes share them). units: lists of documents (ids, n_prompt, keep);
+    loss_fn(model, batch) -> (loss sum, metrics); per: normalise by the step's loss "tokens" or
+    "units" (ORM pairs). ckpt_dir: resume from its newest checkpoint, save every ckpt_every steps
+    (0: after the last) keeping `keep`. -> {"steps", "loss" (last log window), "first_loss",
+    "losses", "tokens" (all ranks), "time_s", "tokens_per_s", "skipped_steps", "resumed_from"}
+    (+ loss_fn's metrics, e.g. the ORM's "acc")."""
     if not units:
         raise ValueError(f"{name}: no training examples")
     device = next(model.parameters()).device
     rank, world = parallel.rank(), parallel.world()
     say = log if rank == 0 else (lambda s: None)
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    lengths = [sum(len(d) for d, *_ in u) for u in units]
-    row_len = cfg.row_len or max(lengths)
-    if max(lengths) > row_len:
-        raise ValueError(f"{name}: an example has {max(lengths)} tokens, more than row_len={row_len}")
-    plan = _plan(lengths, row_len, cfg, rng)
+    plan = _plan_run(units, cfg, name)
     steps = math.ceil(len(plan) / cfg.grad_accum)
     params, opt = _optimizer(model, cfg, device)
     # the loop's state: what a checkpoint saves besides weights, optimizer and RNG
@@ -363,5 +352,19 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
     out = {"steps": steps, "loss": last["loss"], "first_loss": losses[0], "losses": losses, "tokens": tokens,
            "time_s": dt, "tokens_per_s": (tokens - tokens0) / max(dt, 1e-9),
            "skipped_steps": run["skipped_steps"], "resumed_from": start}
-    out.update({k: last[k] for k in last if k not in ("stage", "step", "steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s")})
+    out.update({k: v for k, v in last.items() if k not in _REPORT_ONLY})
     return out
+
+
+_REPORT_ONLY = ("stage", "step", "steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s")
+
+
+def _plan_run(units, cfg, name):
+    """Every micro-batch of the run, from the seed (so a resumed run rebuilds the same plan)."""
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    lengths = [sum(len(d) for d, *_ in u) for u in units]
+    row_len = cfg.row_len or max(lengths)
+    if max(lengths) > row_len:
+        raise ValueError(f"{name}: an example has {max(lengths)} tokens, more than row_len={row_len}")
+    return _plan(lengths, row_len, cfg, rng)
