@@ -280,13 +280,13 @@ def get_device(cfg):
     return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def has_model(path):
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def stage_dir(cfg, name):
     """out/<name>; the base model is the user's directory when --model is given."""
     return cfg.model if name == "base" and cfg.model else os.path.join(cfg.out, name)
-
-
-def has_model(path):
-    return os.path.isfile(os.path.join(path, "config.json"))
 
 
 def load_stage(cfg, name):
@@ -519,14 +519,10 @@ def stage_rl2(cfg, state):
 
 
 def stage_rlt(cfg, state):
-    """RLT on the built-in task (not in the default chain; --stages=rlt after pretrain):
-      1. the teacher (the base model) learns the format by SFT on (teacher prompt with the answer,
-         <think> reference steps </think>) -> out/rlt_warm;
-      2. GRPO on the RLT reward (frozen student = the base model) -> out/rlt_teacher;
-      3. the teacher explains rlt_distill_questions other training questions; the base model is
-         fine-tuned on question -> <think> explanation </think> answer (out/rlt_student) and, with
-         the same questions and steps, on question -> reference solution (out/plain_student); both
-         are evaluated greedily on the test set -> out/rlt_results.json."""
+    """RLT (not in the default chain): 1. the teacher (the base) learns the format by SFT ->
+    out/rlt_warm; 2. GRPO on the RLT reward, the base as frozen student -> out/rlt_teacher; 3. it
+    explains other questions; the base fine-tuned on them (out/rlt_student) and, with the same
+    questions and steps, on the reference solutions (out/plain_student) -> out/rlt_results.json."""
     log, train = state["log"], state["train"]
     teacher, tok = load_stage(cfg, "base")
     qa = range(min(cfg.rlt_questions, len(train)))

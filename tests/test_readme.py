@@ -1,0 +1,32 @@
+"""The README points into the code as `name` (`file.py:N`): each such place must still hold the
+definition of `name` (a def, a class or an assignment), so the guide cannot drift from the code."""
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REF = re.compile(r"`(\w+)(?:\.\w+)?`(?:,\s*|\s*\()`([\w/]+\.py):(\d+)`")     # `name` (`f.py:N`) or `name`, `f.py:N`
+
+
+def test_readme_references_point_at_their_definitions():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    refs = REF.findall(text)
+    assert len(refs) >= 30, f"only {len(refs)} references found: has the README's format changed?"
+    wrong = []
+    for name, path, line in refs:
+        lines = open(os.path.join(ROOT, path)).read().split("\n")
+        at = lines[int(line) - 1] if int(line) <= len(lines) else ""
+        if not re.match(rf"\s*(def|class)\s+{name}\b|{name}\s*=", at):
+            wrong.append(f"{name} ({path}:{line}): that line is {at.strip()[:60]!r}")
+    assert not wrong, "README references that moved:\n" + "\n".join(wrong)
+
+
+def test_no_file_names_documents_outside_the_repository():
+    """A fork has this repository only: the code and docs cite papers, not notes kept elsewhere."""
+    outside = ("REFERENCE.md", "DESIGN.md", "../shared")
+    for d, _, files in os.walk(ROOT):
+        if set(os.path.relpath(d, ROOT).split(os.sep)) & {".git", ".venv", "runs", "out", "__pycache__"}:
+            continue
+        for f in files:
+            if f.endswith((".py", ".md")) and f != os.path.basename(__file__):
+                text = open(os.path.join(d, f), encoding="utf-8").read()
+                assert not any(o in text for o in outside), f"{os.path.join(d, f)} cites a document outside the repository"
