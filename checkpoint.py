@@ -263,16 +263,20 @@ def _write_progress(out, done, signature):
         os.replace(path + ".tmp", path)
 
 
-def begin_run(out, signature, resume):
+def begin_run(out, signature, resume, renamed=None):
     """The stages an earlier run in `out` finished, when resuming (refused if it ran with other
-    options: signature is the dict of options a resumed run must share); none for a fresh run, whose
-    stale in-stage checkpoints (out/ckpt) are removed."""
+    options: signature is the dict of options a resumed run must share, renamed {old: new} the
+    options whose names changed since); none for a fresh run, whose stale in-stage checkpoints
+    (out/ckpt) are removed."""
     path, done = os.path.join(out, PROGRESS), []
     if resume:
         if os.path.isfile(path):
             with open(path) as f:
                 prev = json.load(f)
-            diff = sorted(k for k, v in signature.items() if json.dumps(prev["config"].get(k)) != json.dumps(v))
+            prev["config"] = {(renamed or {}).get(k, k): v for k, v in prev["config"].items()}
+            # an option the earlier run did not have yet ran at what is now its default: not compared
+            diff = sorted(k for k, v in signature.items()
+                          if k in prev["config"] and json.dumps(prev["config"][k]) != json.dumps(v))
             if diff:
                 raise SystemExit(f"--resume: {out} was run with other options: " +
                                  ", ".join(f"--{k}={prev['config'].get(k)} (now {signature[k]})" for k in diff))

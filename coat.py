@@ -47,7 +47,7 @@ _TYPE_OF = {(): "no_reflect", ("v",): "verify", ("v", "c"): "verify_correct",
 
 @dataclass
 class SynthConfig:
-    n_samples: int = 8           # CoT samples per question from the generator
+    group: int = 8               # CoT samples per question from the generator
     temperature: float = 1.0     # for the samples and the continuations
     max_new_tokens: int = 256    # per generation (first attempt, each continuation)
     keep_correct: int = 4        # Satori keeps 4 correct + 4 incorrect samples per question
@@ -191,7 +191,7 @@ def synthesize_coat(generator, tok, problems, cfg=None, critic=None, verifier=No
     critic, verifier: see above; default_critic / default_verifier when None.
     scorer(problem, response) -> float: picks the best trajectory of each type (Satori: a reward
         model); None = the shortest response.
-      1. n_samples CoT samples per question; the critic's verdict (not just the final answer)
+      1. `group` CoT samples per question; the critic's verdict (not just the final answer)
          splits them into right and wrong; the first keep_correct / keep_incorrect are kept.
       2. A right path is kept plain (no_reflect) or, with verify_prob, gets a verification of a
          random step before its answer (verify). A wrong path gets, with verify_prob when it has a
@@ -227,9 +227,9 @@ def synthesize_coat(generator, tok, problems, cfg=None, critic=None, verifier=No
 
 
 def _first_attempts(generator, tok, chunk, prompts, cfg, critic, verifier, rng, seed, stats):
-    """n_samples per question, judged by the critic -> (finished trajectories, trajectories that
+    """`group` samples per question, judged by the critic -> (finished trajectories, trajectories that
     await a correction): right paths maybe with a verification, wrong ones cut at a reflection."""
-    n = cfg.n_samples
+    n = cfg.group
     outs = generator([ids for ids in prompts for _ in range(n)], cfg.temperature, cfg.max_new_tokens, seed)
     done, pending = [], []
     for q, p in enumerate(chunk):

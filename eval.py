@@ -11,10 +11,9 @@ import json
 import os
 
 import data
-import parallel
 import reward
-from rollout import Sampler
-from tokenizer import COAT_TOKENS, REFLECT, EXPLORE
+from rollout import generate_shared, sampler_for
+from tokenizer import COAT_TOKENS, EXPLORE, REFLECT
 
 # the columns of results.md, in order
 TABLE = ("pass_at_1", "wrong_to_right", "right_to_wrong", "reflect_rate", "explore_rate", "grammar_ok",
@@ -85,14 +84,12 @@ def evaluate(model, tok, problems, sampler=None, max_new_tokens=160, batch_size=
     """Greedy (temperature 0) pass@1 on held-out problems plus COAT statistics (score_responses);
     mean_length is in generated tokens (stop token included). Under torchrun every process answers
     its share of the problems and every process gets the metrics of all of them."""
-    prompts = [tok.encode_prompt(p["question"]) for p in parallel.shard(problems)]
-    if sampler is None and prompts:     # a process may get no problem when there are fewer than processes
-        model.eval()
-        longest = max(len(p) for p in prompts) + max_new_tokens
-        sampler = Sampler(model, max_batch=batch_size, max_seq_len=longest)
-    outs = sampler.generate(prompts, max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids, seed=0) if prompts else []
-    texts = parallel.gather([tok.decode(o.body) for o in outs])
-    m = score_responses(texts, problems, parallel.gather([len(o.tokens) for o in outs]))
+    prompts = [tok.encode_prompt(p["question"]) for p in problems]
+    if sampler is None:
+        sampler = sampler_for(model.eval(), prompts, max_new_tokens, batch_size)
+    outs = generate_shared(sampler, prompts, max_new_tokens, seed=0, temperature=0.0, stop_ids=tok.stop_ids)
+    texts = [tok.decode(o.body) for o in outs]
+    m = score_responses(texts, problems, [len(o.tokens) for o in outs])
     return (m, texts) if return_texts else m
 
 

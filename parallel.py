@@ -30,7 +30,11 @@ def init():
     """Join the process group when launched by torchrun with WORLD_SIZE > 1. -> (rank, world)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= gpus:
+                raise SystemExit(f"torchrun started local rank {local}, but this machine has {gpus} GPU(s): one process "
+                                 f"per GPU (--nproc_per_node={gpus}), or CUDA_VISIBLE_DEVICES= to run on the CPU")
+            torch.cuda.set_device(local)
             dist.init_process_group("nccl")
         else:
             dist.init_process_group("gloo")

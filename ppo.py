@@ -1,5 +1,6 @@
 """
-PPO / GRPO math for RL post-training of reasoning LLMs, as plain tensor functions.
+PPO / GRPO math for RL post-training of reasoning LLMs: plain tensor functions, then the update
+that runs the models over a batch of rollouts.
 
 Conventions (every function below):
 - Per-token tensors are [B, T] over the RESPONSE tokens only (prompt excluded), right-padded.
@@ -10,7 +11,8 @@ Conventions (every function below):
   group with the samples of one prompt contiguous.
 
 Sections: config -> masked statistics -> rewards (KL, token rewards, DAPO overlong) -> advantages
-(GAE, GRPO / Dr. GRPO, dynamic sampling) -> losses (policy, value, aggregation).
+(GAE, GRPO / Dr. GRPO, dynamic sampling) -> losses (policy, value, aggregation) -> rollouts and
+the update (model forwards, a batch's advantages, minibatches and micro-batches) -> ExPO's term.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -75,18 +77,14 @@ def _masked_moments(x, mask, unbiased, all_ranks):
         var = var * n / (n - 1) if n > 1 else torch.zeros_like(var)
     return mean, var
 
-def masked_whiten(x, mask, shift_mean=True, eps=1e-8, all_ranks=True):
+def masked_whiten(x, mask, eps=1e-8, all_ranks=True):
     """(x - mean) / std over the masked entries of the whole batch; padding -> 0.
-    With shift_mean=False the mean is added back (only the scale changes), as for rewards.
     std is the unbiased one, so the result has mean 0 and unbiased std 1 over the mask.
     The whole batch is every rank's rows under torchrun (all_ranks, the default: a collective, so
     every rank must call it); in one process all_ranks changes nothing."""
     mask = mask.to(x.dtype)
     mean, var = _masked_moments(x, mask, True, all_ranks)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 def last_token_index(mask):
     """[B, T] mask -> ([B] index of the last real token, [B] bool row has any token)."""
@@ -250,7 +248,7 @@ def value_loss(values, old_values, returns, mask, value_clip=0.2, agg="token_mea
     return loss, metrics
 
 # -----------------------------------------------------------------------------
-# the update: model forwards over rollouts, minibatches, epochs, micro-batch accumulation
+# rollouts and the update: model forwards, a batch's advantages, minibatches, micro-batches
 
 @dataclass
 class Rollouts:
@@ -393,7 +391,7 @@ def _check_ranks(B, cfg, extra_loss):
 
 def _accumulate(policy, critic, r, mb_idx, cfg, temperature, micro_batch_size):
     """Backward of the policy (and value) loss of this rank's rows mb_idx of a minibatch, in
-    micro-batches each weighted by its share of the global minibatch -> this rank's part of the
+    micro-batches each weighted by its part of the global minibatch -> this rank's part of the
     step's metrics (summed over the ranks by the caller)."""
     totals = _minibatch_totals(r.mask[mb_idx])
     step = {}
@@ -425,9 +423,9 @@ def _accumulate(policy, critic, r, mb_idx, cfg, temperature, micro_batch_size):
     return step
 
 
-def _global(step, policy, extra_loss, n_extra):
-    """The step's metrics summed over the ranks, after the backward of extra_loss (its metrics are
-    only known to the ranks that have one; every rank has the other keys in the same order)."""
+def _extra_backward_and_sum(step, policy, extra_loss, n_extra):
+    """The backward of extra_loss on the ranks that have one, then the step's metrics summed over
+    the ranks (extra_loss's are only known to those ranks; the other keys are the same on all)."""
     extra = {}
     if extra_loss is not None:
         loss, info = extra_loss(policy)
@@ -455,7 +453,7 @@ def _clip_grads(policy, critic, critic_opt, cfg, step):
 
 
 def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt=None, temperature=1.0,
-               micro_batch_size=16, generator=None, extra_loss=None, log=print, nonfinite=0):
+               micro_batch_size=16, generator=None, extra_loss=None, log=print, nonfinite=0, what="ppo_update"):
     """cfg.ppo_epochs passes over the rollouts in minibatches of cfg.minibatch_size rows, each an
     optimizer step accumulated over micro-batches. r must hold old_logp, advantages and (with a
     critic) values and returns; ref_logp too when cfg.kl_loss_coef > 0. extra_loss(policy) ->
@@ -467,7 +465,8 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
     its metrics are summed over the ranks like the gradients (scaled by rank_weight they are the
     one-process term); a rank with nothing to add passes None (a zero term).
     A step whose (global) loss or gradient norm is not finite is skipped (sft.skip_if_nonfinite);
-    nonfinite: such steps in a row before this call (an RL loop carries it from step to step).
+    nonfinite: such steps in a row before this call (an RL loop carries it from step to step, so
+    cfg.max_bad_steps of them in a row abort the run as in SFT); what: how warnings name the call.
     Returns the mean of each (global) metric over the steps that were taken, "skipped_steps",
     "optimizer_steps" (taken + skipped) and "nonfinite_in_a_row"."""
     B = r.ids.shape[0]
@@ -481,10 +480,10 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
                 if o is not None:
                     o.zero_grad(set_to_none=True)
             step = _accumulate(policy, critic, r, mb_idx, cfg, temperature, micro_batch_size)
-            step = _global(step, policy, extra_loss, n_extra)
+            step = _extra_backward_and_sum(step, policy, extra_loss, n_extra)
             checked = _clip_grads(policy, critic, critic_opt, cfg, step)
             nonfinite = skip_if_nonfinite(checked, nonfinite, cfg.max_bad_steps,
-                                          f"ppo_update step {len(done) + len(skipped) + 1}", say)
+                                          f"{what}, update {len(done) + len(skipped) + 1}", say)
             (skipped if nonfinite else done).append(step)
             for o in (opt, critic_opt):
                 if o is not None and not nonfinite:

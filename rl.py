@@ -5,12 +5,13 @@ advantages (ppo.set_advantages) -> update (ppo.ppo_update), then the step's metr
     from rl import rl_train
     rl_train(cfg, policy, tok, problems, pool, temperature=1.2, group=1, steps=160, critic=critic, orm=orm)
 
-PPO (Satori), GRPO, Dr. GRPO and DAPO differ in algo_config and in ppo.set_advantages only; RLSP adds
-an exploration reward (rewards), ExPO a likelihood term on self-explanations (expo_term), RLT
-replaces the reward (reward_fn, rlt.py). train.py loads a stage's models, calls rl_train and saves
-the result:  python train.py --stages=rl
+PPO (Satori), GRPO, Dr. GRPO and DAPO differ in algo_config, in ppo.set_advantages and, for DAPO,
+in the refills of sample_groups; RLSP adds an exploration reward (rewards), ExPO a likelihood term
+on self-explanations (expo_term), RLT replaces the reward (reward_fn, rlt.py). train.py loads a
+stage's models, calls rl_train and saves the result:  python train.py --stages=rl
 """
 import copy
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import checkpoint
 import parallel
 import ppo
 import reward
-from rollout import Sampler
+from rollout import Sampler, generate_shared
 from sft import SFTConfig, lr_at
 from tokenizer import REFLECT
 
@@ -43,25 +44,24 @@ def sample_and_grade(sampler, tok, problems, prompts, qids, group, temperature, 
 
 
 def sample_all(sampler, tok, problems, prompts, qids, group, temperature, max_new_tokens, seed):
-    """sample_and_grade of every prompt, the prompts shared out over the processes -> per prompt,
+    """`group` samples of every prompt, the prompts shared out over the processes -> per prompt,
     its [(response ids, correct)] * group, on every process."""
-    mine = parallel.shard(list(range(len(prompts))))
-    outs, correct = sample_and_grade(sampler, tok, problems, [prompts[i] for i in mine], [qids[i] for i in mine],
-                                     group, temperature, max_new_tokens, seed + 7919 * parallel.rank())
-    samples = parallel.gather([(o.tokens, ok) for o, ok in zip(outs, correct)])
-    return [samples[i * group:(i + 1) * group] for i in range(len(prompts))]
+    outs = generate_shared(sampler, prompts, max_new_tokens, seed, group, temperature=temperature, stop_ids=tok.stop_ids)
+    return [[(o.tokens, reward.grade(tok.decode(o.body), problems[q]["answer"]) is True)
+             for o in outs[i * group:(i + 1) * group]] for i, q in enumerate(qids)]
 
 # -----------------------------------------------------------------------------
-# PPO (Satori) and the GRPO family differ in algo_config and in ppo.set_advantages only
+# the methods' settings
 
 ALGOS = ("ppo", "grpo", "drgrpo", "dapo")
 
 
 def algo_config(cfg, group):
-    """The PPOConfig of --algo: the only lines where PPO, GRPO, Dr. GRPO and DAPO differ."""
+    """The PPOConfig of --algo: where PPO, GRPO, Dr. GRPO and DAPO differ (DAPO also refills its
+    batch, sample_groups)."""
     common = dict(gamma=cfg.gamma, lam=cfg.lam, clip=cfg.clip_eps, ppo_epochs=cfg.ppo_epochs,
                   minibatch_size=cfg.minibatch_size, grad_clip=cfg.clip, group=group,
-                  reward_clip=cfg.reward_clip or None)
+                  reward_clip=cfg.reward_clip or None, ent_coef=cfg.ent_coef)
     if cfg.algo == "ppo":      # critic + GAE, advantages whitened over the batch, per-token KL reward
         return ppo.PPOConfig(adv_estimator="gae", value_clip=cfg.value_clip, kl_coef=cfg.kl_coef,
                              no_eos_penalty=cfg.no_eos_penalty, **common)
@@ -159,36 +159,8 @@ def sample_groups(cfg, sampler, tok, problems, pool, first, rng, group, temperat
     return states, outs, correct
 
 
-def expo_rollouts(cfg, sampler, tok, problems, states, correct, group, temperature, seed, dev):
-    """ExPO: for every prompt whose group reward is near zero (ppo.expo_select on accuracy), the
-    policy writes a self-explanation given the question AND the correct answer (reward.expo_prompt);
-    those that end in the right \\boxed{} answer become rows (question-only prompt, explanation) for
-    ppo.expo_loss. None when there are none."""
-    stuck = ppo.expo_select(torch.tensor(correct, dtype=torch.float), group, cfg.expo_threshold)
-    qids = [states[i].question_id for i in stuck.nonzero().flatten().tolist()]
-    if not qids:
-        return None
-    prompts = [tok.encode(reward.expo_prompt(problems[q]["question"], problems[q]["answer"])) for q in qids]
-    outs = sampler.generate(prompts, cfg.rl_max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed)
-    rows = [(tok.encode_prompt(problems[q]["question"]), o.tokens) for q, o in zip(qids, outs)
-            if o.finished and reward.grade(tok.decode(o.body), problems[q]["answer"]) is True]
-    if not rows:
-        return None
-    return ppo.make_rollouts([p for p, _ in rows], [t for _, t in rows], tok.pad_id, dev)
-
-
-def expo_term(cfg, pcfg, sampler, tok, problems, s, group, temperature, dev):
-    """(ExPO's extra_loss for ppo_update or None, its rows or None). The processes find different
-    numbers of explanations: each weighs its term by its rank_weight, so that the sum over processes
-    is the term of one process holding every row (a collective: every process calls this)."""
-    er = expo_rollouts(cfg, sampler, tok, problems, s.states, s.correct, group, temperature, s.seed, dev)
-    weight = ppo.rank_weight(None if er is None else er.mask, pcfg.loss_agg, dev)
-    if er is None:
-        return None, None
-    return (lambda m: ppo.expo_loss(m, er, cfg.expo_beta, temperature, pcfg.loss_agg, pcfg.max_len, weight)), er
-
 # -----------------------------------------------------------------------------
-# phases 2-4: rollouts, rewards, advantages
+# phases 2 and 3: rollouts, rewards (phase 4, the advantages, is ppo.set_advantages)
 
 def rollouts(policy, gen_model, ref, tok, s, group, temperature, dev):
     """The samples as ppo.Rollouts with the log-probs of the policy that sampled them (old_logp),
@@ -217,7 +189,8 @@ def rewards(cfg, tok, s, r, group, step, steps, orm=None, reward_fn=None, policy
         if orm is not None:
             with torch.no_grad():
                 scores = orm(r.ids)[torch.arange(len(s.outs), device=dev), r.prompt_lens + r.resp_lens - 1].tolist()
-        rcfg = reward.RewardConfig(use_orm=orm is not None, reflect_bonus=cfg.reflect_bonus)
+        rcfg = reward.RewardConfig(use_orm=orm is not None, reflect_bonus=cfg.reflect_bonus,
+                                   clip=cfg.reward_clip or math.inf)
         status = [st.status for st in s.states for _ in range(group)]
         seq_r = [reward.satori_reward(c, x, st, rcfg) for c, x, st in zip(s.correct, scores, status)]
     if cfg.rlsp_coef:       # RLSP: an exploration reward beside the verifier's, weighted by a schedule
@@ -227,14 +200,48 @@ def rewards(cfg, tok, s, r, group, step, steps, orm=None, reward_fn=None, policy
     return torch.tensor(seq_r, device=dev)
 
 # -----------------------------------------------------------------------------
+# ExPO's term: self-explanations of the known answer where a group failed
+
+def expo_rollouts(cfg, sampler, tok, problems, states, correct, group, temperature, seed, dev):
+    """ExPO: for every prompt whose group reward is near zero (ppo.expo_select on accuracy), the
+    policy writes a self-explanation given the question AND the correct answer (reward.expo_prompt);
+    those that end in the right \\boxed{} answer become rows (question-only prompt, explanation) for
+    ppo.expo_loss. None when there are none."""
+    stuck = ppo.expo_select(torch.tensor(correct, dtype=torch.float), group, cfg.expo_threshold)
+    qids = [states[i].question_id for i in stuck.nonzero().flatten().tolist()]
+    if not qids:
+        return None
+    prompts = [tok.encode(reward.expo_prompt(problems[q]["question"], problems[q]["answer"])) for q in qids]
+    outs = sampler.generate(prompts, cfg.rl_max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed)
+    rows = [(tok.encode_prompt(problems[q]["question"]), o.tokens) for q, o in zip(qids, outs)
+            if o.finished and reward.grade(tok.decode(o.body), problems[q]["answer"]) is True]
+    if not rows:
+        return None
+    return ppo.make_rollouts([p for p, _ in rows], [t for _, t in rows], tok.pad_id, dev)
+
+
+def expo_term(cfg, pcfg, sampler, tok, problems, s, group, temperature, dev):
+    """(ExPO's extra_loss for ppo_update or None, its rows or None). The processes find different
+    numbers of explanations: each weighs its term by its rank_weight, so that the sum over processes
+    is the term of one process holding every row (a collective: every process calls this)."""
+    er = expo_rollouts(cfg, sampler, tok, problems, s.states, s.correct, group, temperature, s.seed, dev)
+    weight = ppo.rank_weight(None if er is None else er.mask, pcfg.loss_agg, dev)
+    if er is None:
+        return None, None
+    return (lambda m: ppo.expo_loss(m, er, cfg.expo_beta, temperature, pcfg.loss_agg, pcfg.max_len, weight)), er
+
+
+# -----------------------------------------------------------------------------
 # phase 5: update, and the step's metrics
 
-def update(pcfg, policy, gen_model, critic, opts, r, temperature, micro_batch, s, extra, nonfinite, log):
-    """ppo.ppo_update (+ ExPO's extra term), then the sampler's bf16 copy refreshed from the policy."""
+def update(pcfg, policy, gen_model, critic, opts, r, temperature, micro_batch, seed, extra=None, nonfinite=0,
+           log=print, what="ppo_update"):
+    """ppo.ppo_update (+ ExPO's extra term; nonfinite and what for its non-finite step guard), then
+    the sampler's bf16 copy refreshed from the policy."""
     policy.train()
-    gen = torch.Generator().manual_seed(s.seed)       # minibatch order
+    gen = torch.Generator().manual_seed(seed)       # minibatch order
     info = ppo.ppo_update(policy, opts["opt"], r, pcfg, critic, opts.get("copt"), temperature, micro_batch, gen,
-                          extra, log=log, nonfinite=nonfinite)
+                          extra, log=log, nonfinite=nonfinite, what=what)
     if gen_model is not policy:
         with torch.no_grad():
             for q, p in zip(gen_model.parameters(), policy.parameters()):
@@ -268,6 +275,23 @@ def step_metrics(cfg, pcfg, tok, name, step, steps, s, r, seq_r, info, er, t_gen
 
 # -----------------------------------------------------------------------------
 # the loop
+
+def _sampler(cfg, policy, tok, problems, pool, group, dev):
+    """(the model the sampler decodes with, the sampler). On GPU (--sampler_dtype auto) a bf16 copy of
+    the policy, refreshed after every update: half the bytes per decode step. Its log-probs are then
+    not the training model's, so the ratio's old log-probs are recomputed (rollouts)."""
+    dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": None,
+             "bfloat16": torch.bfloat16}[cfg.sampler_dtype]
+    gen_model = policy if dtype is None else copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
+    states = [s for sub, _ in pool for s in sub]
+    longest = max(len(s.prompt_ids) for s in states)
+    if cfg.expo:
+        longest = max(longest, max(len(tok.encode(reward.expo_prompt(problems[s.question_id]["question"],
+                                                                      problems[s.question_id]["answer"])))
+                                   for s in states))
+    per_process = max(1, cfg.rl_batch // group) // parallel.world() * group
+    return gen_model, Sampler(gen_model, max_batch=per_process, max_seq_len=longest + cfg.rl_max_new_tokens)
+
 
 def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic=None, orm=None, ref=None,
              reward_fn=None, name="rl", log=None, ckpt_dir=None):
@@ -311,7 +335,8 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
         ppo.set_advantages(r, pcfg, seq_r, torch.tensor([o.finished for o in s.outs], device=dev), critic,
                            cfg.rl_max_new_tokens)
         t1 = time.time()
-        info = update(pcfg, policy, gen_model, critic, opts, r, temperature, cfg.micro_batch, s, extra, nonfinite, log)
+        info = update(pcfg, policy, gen_model, critic, opts, r, temperature, cfg.micro_batch, s.seed, extra=extra,
+                      nonfinite=nonfinite, log=log, what=f"{name} step {step + 1}/{steps}")
         nonfinite = info["nonfinite_in_a_row"]
         m, line = step_metrics(cfg, pcfg, tok, name, step, steps, s, r, seq_r, info, er, t_gen, time.time() - t1)
         log(line, **m)
@@ -320,20 +345,3 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
                             keep=cfg.ckpt_keep)
     log(f"{name}: {steps - start} {cfg.algo} steps in {time.time() - t_start:.0f}s")
     return m
-
-
-def _sampler(cfg, policy, tok, problems, pool, group, dev):
-    """(the model the sampler decodes with, the sampler). On GPU (--sampler_dtype auto) a bf16 copy of
-    the policy, refreshed after every update: half the bytes per decode step. Its log-probs are then
-    not the training model's, so the ratio's old log-probs are recomputed (rollouts)."""
-    dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": None,
-             "bfloat16": torch.bfloat16}[cfg.sampler_dtype]
-    gen_model = policy if dtype is None else copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
-    states = [s for sub, _ in pool for s in sub]
-    longest = max(len(s.prompt_ids) for s in states)
-    if cfg.expo:
-        longest = max(longest, max(len(tok.encode(reward.expo_prompt(problems[s.question_id]["question"],
-                                                                      problems[s.question_id]["answer"])))
-                                   for s in states))
-    per_process = max(1, cfg.rl_batch // group) // parallel.world() * group
-    return gen_model, Sampler(gen_model, max_batch=per_process, max_seq_len=longest + cfg.rl_max_new_tokens)

@@ -8,9 +8,9 @@ reward_fn in place of Satori's reward.
 
 The reward needs three rescored log-prob vectors. The explanation is tokenised ONCE and the same ids
 are placed in both contexts, so that its tokens line up:
-  teacher row: teacher_ids(question + solution) + ids("<think>") + ids(expl)
+  teacher row: teacher_ids(question + solution) + ids(THINK) + ids(expl)
                -> teacher log-probs of the explanation [E]
-  student row: ids(Satori's prompt + "<think>") + ids(expl) + ids(STUDENT_SUFFIX) + ids(solution)
+  student row: ids(student_prefix(question)) + ids(expl) + ids(STUDENT_SUFFIX) + ids(solution)
                -> student log-probs of the explanation [E] and of the solution [S]
 (student_prompt(q, expl) is exactly that student row before the solution, as one string.)
 """
@@ -18,16 +18,16 @@ import math
 
 import torch
 
-import parallel
 import ppo
-from rollout import Sampler
+from rollout import generate_shared, sampler_for
 from tokenizer import Tokenizer
 
 TEACHER_TEMPLATE = ("<|im_start|>user\nHere is a math problem and its solution. Explain step by step "
                     "how to reach the solution, so that a student who sees only the problem and your "
                     "explanation can solve it. Write the explanation between <think> and </think>.\n"
                     "Problem: {question}\nSolution: {solution}<|im_end|>\n<|im_start|>assistant\n")
-STUDENT_SUFFIX = "</think>\n"
+THINK, END_THINK = "<think>", "</think>"        # the tags around an explanation
+STUDENT_SUFFIX = END_THINK + "\n"
 
 
 def teacher_prompt(question, solution):
@@ -35,9 +35,14 @@ def teacher_prompt(question, solution):
     return TEACHER_TEMPLATE.format(question=question, solution=solution)
 
 
+def student_prefix(question):
+    """What the student reads before the explanation: Satori's prompt, then the opening tag."""
+    return Tokenizer.prompt(question) + THINK
+
+
 def student_prompt(question, explanation):
-    """Satori's prompt, then the explanation as the student's own thinking; the solution follows."""
-    return Tokenizer.prompt(question) + "<think>" + explanation + STUDENT_SUFFIX
+    """The explanation as the student's own thinking; the solution follows."""
+    return student_prefix(question) + explanation + STUDENT_SUFFIX
 
 
 def solution(problem):
@@ -53,7 +58,7 @@ def teacher_ids(tok, problem, full_prompt=False):
     return tok.encode_prompt(problem["question"] + "\nSolution: " + solution(problem))
 
 
-def extract_explanation(text, open_tag="<think>", close_tag="</think>"):
+def extract_explanation(text, open_tag=THINK, close_tag=END_THINK):
     """The explanation between the tags, stripped; None if malformed: not exactly one open_tag and
     one close_tag, the close before the open, or nothing but whitespace between them. Text before
     the open tag or after the close tag is ignored."""
@@ -97,8 +102,8 @@ def reward_fn(cfg, tok, problems, student, dev):
             expl = extract_explanation(tok.decode(o.body)) if o.finished else None
             if expl is not None:
                 p = problems[s.question_id]
-                rows.append((i, teacher_ids(tok, p, cfg.rlt_full_prompt) + tok.encode("<think>"),
-                             tok.encode(Tokenizer.prompt(p["question"]) + "<think>"), tok.encode(expl),
+                rows.append((i, teacher_ids(tok, p, cfg.rlt_full_prompt) + tok.encode(THINK),
+                             tok.encode(student_prefix(p["question"])), tok.encode(expl),
                              tok.encode(STUDENT_SUFFIX), tok.encode(solution(p))))
         if not rows:
             return rewards
@@ -119,7 +124,7 @@ def reward_fn(cfg, tok, problems, student, dev):
 def warmup_examples(tok, problems, qids, full_prompt=False):
     """The teacher's format warm-up: (teacher prompt, <think> reference steps </think> + eos)."""
     steps = lambda p: p["solution"].rsplit("\n", 1)[0]
-    return [(teacher_ids(tok, problems[q], full_prompt), tok.encode("<think>" + steps(problems[q]) + "</think>")
+    return [(teacher_ids(tok, problems[q], full_prompt), tok.encode(THINK + steps(problems[q]) + END_THINK)
              + [tok.eos_id]) for q in qids]
 
 
@@ -127,11 +132,9 @@ def explain(teacher, tok, problems, qids, cfg):
     """The teacher's texts for the questions qids (None where it never stopped), each process
     sampling its share -> all of them on every process."""
     prompts = [teacher_ids(tok, problems[q], cfg.rlt_full_prompt) for q in qids]
-    sampler = Sampler(teacher, max_batch=cfg.gen_batch, max_seq_len=max(map(len, prompts)) + cfg.rlt_max_new_tokens)
-    outs = sampler.generate([prompts[i] for i in parallel.shard(list(range(len(qids))))], cfg.rlt_max_new_tokens,
-                            temperature=cfg.rlt_temperature, stop_ids=tok.stop_ids,
-                            seed=cfg.seed + 7 + 7919 * parallel.rank())
-    return parallel.gather([tok.decode(o.body) if o.finished else None for o in outs])
+    outs = generate_shared(sampler_for(teacher, prompts, cfg.rlt_max_new_tokens, cfg.gen_batch), prompts,
+                           cfg.rlt_max_new_tokens, cfg.seed + 7, temperature=cfg.rlt_temperature, stop_ids=tok.stop_ids)
+    return [tok.decode(o.body) if o.finished else None for o in outs]
 
 
 def student_examples(tok, problems, qids, texts):
@@ -144,6 +147,6 @@ def student_examples(tok, problems, qids, texts):
         if expl is None:
             continue
         p = tok.encode_prompt(problems[q]["question"])
-        rlt_ex.append((p, tok.encode("<think>" + expl + STUDENT_SUFFIX + solution(problems[q])) + [tok.eos_id]))
+        rlt_ex.append((p, tok.encode(THINK + expl + STUDENT_SUFFIX + solution(problems[q])) + [tok.eos_id]))
         plain_ex.append((p, tok.encode(problems[q]["solution"]) + [tok.eos_id]))
     return rlt_ex, plain_ex

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+import parallel
 
 
 @dataclass
@@ -223,6 +224,20 @@ class Sampler:
         h = self.model.hidden(ids[None], pos[None], cache=self.cache)[0]     # [N, H]
         last = torch.tensor(query_lens, device=dev).cumsum(0) - 1
         return h[last] @ self.model.lm_head.weight.T                           # [B, V]
+
+
+def sampler_for(model, prompts, max_new_tokens, max_batch):
+    """A Sampler with room for the longest of prompts plus max_new_tokens."""
+    return Sampler(model, max_batch=max_batch, max_seq_len=max(map(len, prompts)) + max_new_tokens)
+
+
+def generate_shared(sampler, prompts, max_new_tokens, seed, group=1, **kw):
+    """`group` samples of each prompt, every process decoding those of its contiguous share of the
+    prompts (with seed + 7919 * rank, so that the processes draw different samples) -> the
+    Completions of all prompts, prompt-major, on every process."""
+    mine = [p for p in parallel.shard(prompts) for _ in range(group)]
+    outs = sampler.generate(mine, max_new_tokens, seed=seed + 7919 * parallel.rank(), **kw) if mine else []
+    return parallel.gather(outs)
 
 
 def sample(logits, temperature, top_p, gen):

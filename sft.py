@@ -253,7 +253,7 @@ def _optimizer(model, cfg, device):
 def _accumulate(model, rows, units, loss_fn, per, device, win):
     """Forward and backward of one optimizer step's micro-batches (this rank's rows of each), the
     loss normalised by the step's GLOBAL count of loss tokens (per="tokens") or units (per="units")
-    -> (this rank's share of the step's loss, its tokens); loss_fn's extra metrics go to win."""
+    -> (this rank's part of the step's loss, its tokens); loss_fn's extra metrics go to win."""
     micro = [collate(r, units, 0, device) for r in rows if r]                # may be [] on a rank
     denom = max(1, parallel.all_sum(sum(b.n_loss if per == "tokens" else len(b.units) for b in micro)))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -275,6 +275,9 @@ def _window(tokens):
     return {"losses": [], "extra": {}, "n": 0, "t": time.time(), "tokens": tokens}
 
 
+_REPORT_ONLY = ("stage", "step", "steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s")   # not in the result
+
+
 def _report(win, name, step, steps, lr, gnorm, tokens, t0, start, say):
     """The progress line and metrics of the window since the last one (extra metrics over all ranks)."""
     parts = parallel.gather([(win["extra"], win["n"])])        # per-rank metric sums -> global
@@ -290,6 +293,17 @@ def _report(win, name, step, steps, lr, gnorm, tokens, t0, start, say):
     say(f"{name} step {step + 1}/{steps} loss {m['loss']:.4f}" + "".join(f" {k} {m[k]:.3f}" for k in extra)
         + f" lr {lr:.2e} gnorm {gnorm:.2f} tok/s {tps:.0f} eta {_fmt_time(eta)}")
     return m
+
+
+def _plan_run(units, cfg, name):
+    """Every micro-batch of the run, from the seed (so a resumed run rebuilds the same plan)."""
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    lengths = [sum(len(d) for d, *_ in u) for u in units]
+    row_len = cfg.row_len or max(lengths)
+    if max(lengths) > row_len:
+        raise ValueError(f"{name}: an example has {max(lengths)} tokens, more than row_len={row_len}")
+    return _plan(lengths, row_len, cfg, rng)
 
 
 def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=None, name="sft",
@@ -354,17 +368,3 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
            "skipped_steps": run["skipped_steps"], "resumed_from": start}
     out.update({k: v for k, v in last.items() if k not in _REPORT_ONLY})
     return out
-
-
-_REPORT_ONLY = ("stage", "step", "steps", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s")
-
-
-def _plan_run(units, cfg, name):
-    """Every micro-batch of the run, from the seed (so a resumed run rebuilds the same plan)."""
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    lengths = [sum(len(d) for d, *_ in u) for u in units]
-    row_len = cfg.row_len or max(lengths)
-    if max(lengths) > row_len:
-        raise ValueError(f"{name}: an example has {max(lengths)} tokens, more than row_len={row_len}")
-    return _plan(lengths, row_len, cfg, rng)

@@ -34,7 +34,7 @@ import rl
 import rlt
 from eval import evaluate, write_results
 from model import ModelConfig, Transformer, ValueModel, load_config, num_params
-from rollout import Sampler
+from rollout import sampler_for
 from sft import SFTConfig, orm_pairs, orm_train, sft_train
 from tokenizer import Tokenizer, build_task_tokenizer
 
@@ -80,7 +80,7 @@ class Config:
     pretrain_weight_decay: float = 0.1
     # COAT demonstration synthesis (coat.SynthConfig)
     synth_questions: int = 1000   # training questions to synthesise from (up to 5 demonstrations each)
-    synth_samples: int = 4        # CoT samples per question from the base model
+    synth_group: int = 4          # CoT samples per question from the base model
     synth_temperature: float = 1.0
     synth_max_new_tokens: int = 128
     # format tuning on COAT demonstrations
@@ -92,15 +92,15 @@ class Config:
     warmup_frac: float = 0.03
     min_lr_ratio: float = 0.1
     grad_accum: int = 1
-    clip: float = 1.0
-    betas: tuple = (0.9, 0.95)
+    clip: float = 1.0             # max gradient norm (every stage, RL included)
+    betas: tuple = (0.9, 0.95)    # AdamW's (every stage, RL included)
     log_every: int = 25
-    # ORM + Restart-and-Explore: the format-tuned model samples rae_samples answers to each of the first
+    # ORM + Restart-and-Explore: the format-tuned model samples rae_group answers to each of the first
     # rae_questions RL questions; the same samples train the ORM and make the RAE restart states
     rae: bool = True              # RL round 1 draws some prompts from the RAE buffer (false: plain questions only)
     rae_mix: float = 0.1          # share of RL round 1 prompts drawn from the RAE buffer
     rae_questions: int = 256
-    rae_samples: int = 8          # Satori: 8
+    rae_group: int = 8            # samples per question (Satori: 8)
     rae_temperature: float = 1.0
     rae_max_back: int = 2         # drop up to this many steps before appending <|reflect|> (Satori: 2)
     orm: bool = True              # train the ORM; the critic starts from it
@@ -118,10 +118,11 @@ class Config:
     sampler_dtype: str = "auto"   # weights the RL sampler decodes with: auto = a bf16 copy on GPU, the policy on CPU
     actor_lr: float = 2e-4        # Satori: 2e-7 for 7B; a tiny model wants far more
     critic_lr: float = 5e-4
+    ent_coef: float = 0.0         # entropy bonus in the policy loss (0 = off)
     gamma: float = 1.0
     lam: float = 1.0              # GAE lambda (Satori: 0.95, which leans on our young critic and loses)
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
+    clip_eps: float = 0.2         # PPO's ratio clip
+    value_clip: float = 0.2       # PPO's value clip around the rollout-time value
     kl_coef: float = 0.0          # per-token KL penalty to the starting policy (Satori: 0)
     ppo_epochs: int = 1
     minibatch_size: int = 32      # responses per optimizer step
@@ -161,7 +162,7 @@ class Config:
     rlt_student_steps: int = 100
     # iterative self-improvement: distil the round-1 policy's solved questions into the base, RL again
     distill_questions: int = 2048
-    distill_samples: int = 2      # samples per question
+    distill_group: int = 2        # samples per question
     distill_keep: float = 1.0     # share of the solved questions kept, hardest first
     distill_lr: float = 1e-3
     distill_epochs: float = 3.0
@@ -177,7 +178,8 @@ class Config:
 
 
 # options that were renamed: the old name gets a pointer instead of "unknown option"
-RENAMED = {"rl_samples": "rl_group", "rl2_samples": "rl2_group", "group_size": "grpo_group"}
+RENAMED = {"rl_samples": "rl_group", "rl2_samples": "rl2_group", "group_size": "grpo_group",
+           "rae_samples": "rae_group", "distill_samples": "distill_group", "synth_samples": "synth_group"}
 
 
 def _convert(text, typ, key):
@@ -229,7 +231,7 @@ def check_config(cfg, names, world):
     for k in ("gen_batch", "eval_batch"):
         if getattr(cfg, k) < 1:
             raise bad(f"--{k}={getattr(cfg, k)}: expected a number of sequences >= 1")
-    for group, what in (rl_group(cfg, n) for n in names if n in ("rl", "rl2", "rlt")):
+    for group, what in (group_of(cfg, n) for n in names if n in ("rl", "rl2", "rlt")):
         if cfg.rl_batch % (group * world):
             raise bad(f"--rl_batch={cfg.rl_batch} must be a multiple of {what} ({group}) x processes ({world}), "
                       "so that every process samples whole groups")
@@ -250,7 +252,7 @@ def check_config(cfg, names, world):
                   f"~{need} positions before the prompt; the model has max_position_embeddings={positions}")
 
 
-def rl_group(cfg, stage):
+def group_of(cfg, stage):
     """(samples per prompt, the option that sets it) of an RL stage."""
     if stage == "rlt":
         return cfg.rlt_group, "--rlt_group"
@@ -311,6 +313,13 @@ def save_stage(cfg, name, model, tok, models=None, write=None):
     return checkpoint.write_dir(stage_dir(cfg, name), save)
 
 
+def with_coat_tokens(model, tok):
+    """The model and tokenizer with COAT's three tokens in the vocabulary (new embedding rows)."""
+    if tok.add_coat_tokens():
+        model.resize_vocab(tok.vocab_size)
+    return model, tok
+
+
 def loop_kw(cfg, state, loop):
     """sft_train's keyword arguments for training loop `loop` of the running stage: logging,
     metrics, checkpoints in out/ckpt/<stage>/<loop>."""
@@ -326,9 +335,6 @@ def sft_config(cfg, prefix, **kw):
                                            "log_every", "seed")}
     return SFTConfig(**{**shared, **own, **kw})
 
-
-def sampler_for(model, prompts, max_new_tokens, batch):
-    return Sampler(model, max_batch=batch, max_seq_len=max(map(len, prompts)) + max_new_tokens)
 
 # -----------------------------------------------------------------------------
 # the stages: fn(cfg, state), state = {"log", "stage", "train", "test", "rl"}
@@ -385,7 +391,7 @@ def stage_synthesize(cfg, state):
     prompts = [tok.encode_prompt(p["question"]) for p in problems]
     # a continuation's prompt holds the chain so far and the critic's hint line: room for two generations
     sampler = sampler_for(model, prompts, 2 * cfg.synth_max_new_tokens + 64, cfg.gen_batch)
-    scfg = coat.SynthConfig(n_samples=cfg.synth_samples, temperature=cfg.synth_temperature,
+    scfg = coat.SynthConfig(group=cfg.synth_group, temperature=cfg.synth_temperature,
                             max_new_tokens=cfg.synth_max_new_tokens)
     records = coat.synthesize_coat(coat.sampler_generator(sampler, tok.stop_ids), tok, parallel.shard(problems),
                                    scfg, seed=cfg.seed + 7919 * parallel.rank(), log=state["log"])
@@ -403,9 +409,7 @@ def stage_sft(cfg, state):
     path = demos_path(cfg)
     if not os.path.isfile(path):
         raise SystemExit(f"sft: {path} does not exist; run --stages=synthesize first")
-    model, tok = load_stage(cfg, "base")
-    if tok.add_coat_tokens():
-        model.resize_vocab(tok.vocab_size)
+    model, tok = with_coat_tokens(*load_stage(cfg, "base"))
     demos = coat.read_demos(path)
     if not demos:
         raise SystemExit(f"sft: {path} holds no demonstrations (was the base model too weak to synthesize any?)")
@@ -418,7 +422,7 @@ def stage_sft(cfg, state):
 
 
 def stage_orm(cfg, state):
-    """The format-tuned model samples rae_samples answers to rae_questions RL questions; the same
+    """The format-tuned model samples rae_group answers to rae_questions RL questions; the same
     samples give the ORM its (correct, incorrect) pairs and RAE its restart states
     -> out/orm (a ValueModel) and out/orm/rae.jsonl."""
     log, problems = state["log"], state["rl"]
@@ -426,11 +430,11 @@ def stage_orm(cfg, state):
     qids = list(range(min(cfg.rae_questions, len(problems))))
     prompts = [tok.encode_prompt(problems[q]["question"]) for q in qids]
     t0 = time.time()
-    groups = rl.sample_all(sampler_for(policy, prompts, cfg.rl_max_new_tokens, cfg.rl_batch * cfg.rae_samples), tok,
-                           problems, prompts, qids, cfg.rae_samples, cfg.rae_temperature, cfg.rl_max_new_tokens, cfg.seed)
+    groups = rl.sample_all(sampler_for(policy, prompts, cfg.rl_max_new_tokens, cfg.rl_batch * cfg.rae_group), tok,
+                           problems, prompts, qids, cfg.rae_group, cfg.rae_temperature, cfg.rl_max_new_tokens, cfg.seed)
     n_ok = sum(ok for g in groups for _, ok in g)
-    log(f"orm: {len(qids) * cfg.rae_samples} samples of {len(qids)} questions in {time.time() - t0:.0f}s, "
-        f"{n_ok / (len(qids) * cfg.rae_samples):.3f} correct")
+    log(f"orm: {len(qids) * cfg.rae_group} samples of {len(qids)} questions in {time.time() - t0:.0f}s, "
+        f"{n_ok / (len(qids) * cfg.rae_group):.3f} correct")
     orm, pairs = ValueModel.from_policy(policy), orm_pairs(prompts, groups)
     if pairs:
         kw = {k: v for k, v in loop_kw(cfg, state, "orm").items() if k != "name"}
@@ -463,7 +467,7 @@ def run_rl(cfg, state, src, dst, pool, temperature, group, steps, reward_fn=None
     orm = ValueModel.from_pretrained(orm_dir, device=dev).eval() if use_orm and cfg.orm_reward else None
     ref = load_stage(cfg, src)[0].eval().requires_grad_(False) if pcfg.kl_coef or pcfg.kl_loss_coef else None
     rl.rl_train(cfg, policy, tok, state["rl"] if problems is None else problems, pool, temperature, group, steps,
-                critic, orm, ref, reward_fn, name=dst, log=state["log"],
+                critic=critic, orm=orm, ref=ref, reward_fn=reward_fn, name=dst, log=state["log"],
                 ckpt_dir=os.path.join(cfg.out, "ckpt", state["stage"], dst))
     save_stage(cfg, dst, policy, tok, models={"critic": critic} if critic is not None else None)
 
@@ -478,7 +482,7 @@ def stage_rl(cfg, state):
         state["log"]("rl: the RAE buffer is empty; training on the plain questions")
     if buffer:
         pool = [(buffer, cfg.rae_mix), (pool, 1 - cfg.rae_mix)]
-    run_rl(cfg, state, "format_tuned", "rl_round1", pool, cfg.rl_temperature, rl_group(cfg, "rl")[0], cfg.rl_steps)
+    run_rl(cfg, state, "format_tuned", "rl_round1", pool, cfg.rl_temperature, group_of(cfg, "rl")[0], cfg.rl_steps)
 
 
 def stage_distill(cfg, state):
@@ -489,8 +493,8 @@ def stage_distill(cfg, state):
     policy, tok = load_stage(cfg, "rl_round1")
     qids = list(range(cfg.rae_questions, min(cfg.rae_questions + cfg.distill_questions, len(problems))))
     prompts = [tok.encode_prompt(problems[q]["question"]) for q in qids]
-    sampler = sampler_for(policy, prompts, cfg.rl_max_new_tokens, cfg.rl_batch * cfg.distill_samples)
-    groups = rl.sample_all(sampler, tok, problems, prompts, qids, cfg.distill_samples, cfg.rl_temperature,
+    sampler = sampler_for(policy, prompts, cfg.rl_max_new_tokens, cfg.rl_batch * cfg.distill_group)
+    groups = rl.sample_all(sampler, tok, problems, prompts, qids, cfg.distill_group, cfg.rl_temperature,
                            cfg.rl_max_new_tokens, cfg.seed + 1)
     solved = sorted((sum(ok for _, ok in g) / len(g), i) for i, g in enumerate(groups) if any(ok for _, ok in g))
     keep = [i for _, i in solved[:max(1, int(len(solved) * cfg.distill_keep))]]
@@ -500,9 +504,7 @@ def stage_distill(cfg, state):
     log(f"distill: {len(keep)} of the {len(solved)} solved questions of {len(qids)}, hardest first (pass rate <= "
         f"{solved[len(keep) - 1][0]:.2f}), {len(examples)} correct responses")
     del policy
-    base, btok = load_stage(cfg, "base")
-    if btok.add_coat_tokens():
-        base.resize_vocab(btok.vocab_size)
+    base, btok = with_coat_tokens(*load_stage(cfg, "base"))
     m = sft_train(base, examples, sft_config(cfg, "distill"), **loop_kw(cfg, state, "distill"))
     save_stage(cfg, "distilled", base, btok)
     log(f"distill: loss {m['first_loss']:.4f} -> {m['loss']:.4f}", stage="distill", loss=m["loss"])
@@ -514,7 +516,7 @@ def stage_rl2(cfg, state):
     imitates (the ORM, trained on format-tuned answers, starts far off)."""
     tok = Tokenizer.from_pretrained(stage_dir(cfg, "distilled"))
     run_rl(dataclasses.replace(cfg, actor_lr=cfg.rl2_actor_lr), state, "distilled", "rl_round2",
-           rae.plain_states(state["rl"], tok), cfg.rl2_temperature, rl_group(cfg, "rl2")[0], cfg.rl2_steps,
+           rae.plain_states(state["rl"], tok), cfg.rl2_temperature, group_of(cfg, "rl2")[0], cfg.rl2_steps,
            critic_from=os.path.join(stage_dir(cfg, "rl_round1"), "critic"))
 
 
@@ -534,7 +536,7 @@ def stage_rlt(cfg, state):
     student = load_stage(cfg, "base")[0].eval().requires_grad_(False)
     rcfg = dataclasses.replace(cfg, algo="grpo", orm=False, grpo_kl=cfg.rlt_kl, actor_lr=cfg.rlt_lr,
                                rl_max_new_tokens=cfg.rlt_max_new_tokens, reward_clip=0.0)   # log-prob rewards: no clip
-    run_rl(rcfg, state, "rlt_warm", "rlt_teacher", pool, cfg.rlt_temperature, rl_group(cfg, "rlt")[0], cfg.rlt_steps,
+    run_rl(rcfg, state, "rlt_warm", "rlt_teacher", pool, cfg.rlt_temperature, group_of(cfg, "rlt")[0], cfg.rlt_steps,
            reward_fn=rlt.reward_fn(cfg, tok, train, student, get_device(cfg)), problems=train)
     del student
     qd = list(range(len(qa), min(len(qa) + cfg.rlt_distill_questions, len(train))))
@@ -570,6 +572,7 @@ def stage_eval(cfg, state):
         rows.append({"name": name, **m})
         state["log"](f"eval {name}: pass@1 {m['pass_at_1']:.3f} on {m['n']} problems ({time.time() - t0:.0f}s)",
                      stage="eval", model=name, **m)
+        del model
     if not rows:
         raise SystemExit(f"eval: no stage model in {cfg.out} (looked for {', '.join(EVAL_STAGES)})")
     if parallel.is_main():
@@ -603,7 +606,7 @@ def main(argv):
     check_config(cfg, names, world)
     checkpoint.check_writable(cfg.out, cfg.min_free_gb * 2**30)
     signature = {k: v for k, v in asdict(cfg).items() if k not in ("stages", "resume", "device")}
-    done = checkpoint.begin_run(cfg.out, signature, cfg.resume)
+    done = checkpoint.begin_run(cfg.out, signature, cfg.resume, renamed=RENAMED)
     log = make_logger(cfg.out)
     if rank == 0:
         with open(os.path.join(cfg.out, "run_config.json"), "w") as f:

@@ -75,7 +75,7 @@ def run(algo, reward_fn=sevens, steps=12, lr=3e-3, expo_rows=None, reward_for=No
         if expo_rows is not None:
             er = ppo.make_rollouts(*expo_rows, pad_id=0)
             extra = lambda m: ppo.expo_loss(m, er, 0.5, 1.0, pcfg.loss_agg, pcfg.max_len)
-        info = rl.update(pcfg, policy, policy, critic, opts, r, 1.0, 8, s, extra, 0, print)
+        info = rl.update(pcfg, policy, policy, critic, opts, r, 1.0, 8, s.seed, extra=extra)
     return means, info
 
 

@@ -176,3 +176,15 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
 if __name__ == "__main__":
     run_script(*sys.argv[1:])
+
+
+def test_resume_reads_progress_written_under_old_option_names(tmp_path):
+    """A run recorded with an option's old name resumes under the new one, and an option the
+    earlier run did not have yet is not compared; a real difference is still refused."""
+    out = str(tmp_path)
+    checkpoint.begin_run(out, {"rl_samples": 1, "seed": 0}, resume=False)
+    checkpoint.stage_done(out, ["pretrain"], {"rl_samples": 1, "seed": 0})
+    renamed = {"rl_samples": "rl_group"}
+    assert checkpoint.begin_run(out, {"rl_group": 1, "seed": 0, "new_option": 3}, True, renamed) == ["pretrain"]
+    with pytest.raises(SystemExit, match="--rl_group=1 \\(now 2\\)"):
+        checkpoint.begin_run(out, {"rl_group": 2, "seed": 0}, True, renamed)

@@ -225,7 +225,7 @@ def test_single_process_is_a_no_op():
 
 
 def test_two_processes_match_one(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}    # gloo on the CPU, GPU or not
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.abspath(__file__), str(tmp_path)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

@@ -4,7 +4,7 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REF = re.compile(r"`(\w+)(?:\.\w+)?`(?:,\s*|\s*\()`([\w/]+\.py):(\d+)`")     # `name` (`f.py:N`) or `name`, `f.py:N`
+REF = re.compile(r"`([\w.]+)`(?:,\s*|\s*\()`([\w/]+\.py):(\d+)`")     # `name` (`f.py:N`) or `name`, `f.py:N`
 
 
 def test_readme_references_point_at_their_definitions():
@@ -13,11 +13,23 @@ def test_readme_references_point_at_their_definitions():
     assert len(refs) >= 30, f"only {len(refs)} references found: has the README's format changed?"
     wrong = []
     for name, path, line in refs:
+        name = name.split(".")[-1]                               # Sampler.generate: generate
         lines = open(os.path.join(ROOT, path)).read().split("\n")
         at = lines[int(line) - 1] if int(line) <= len(lines) else ""
         if not re.match(rf"\s*(def|class)\s+{name}\b|{name}\s*=", at):
             wrong.append(f"{name} ({path}:{line}): that line is {at.strip()[:60]!r}")
     assert not wrong, "README references that moved:\n" + "\n".join(wrong)
+
+
+def test_readme_stage_table_is_the_code_s():
+    """Each row of the README's stage table reads and writes what train.STAGES says."""
+    import train
+    text = open(os.path.join(ROOT, "README.md")).read()
+    rows = re.findall(r"^\| `(\w+)` \| (.+?) \| .+? \| (.+?) \|$", text, re.M)
+    assert [r[0] for r in rows] == train.DEFAULT_STAGES
+    for name, reads, writes in rows:
+        _, want_reads, want_writes = train.STAGES[name]
+        assert (reads.replace("`", ""), writes.replace("`", "")) == (want_reads, want_writes), name
 
 
 def test_no_file_names_documents_outside_the_repository():

@@ -17,7 +17,7 @@ import train
 from test_train import TINY, pretrain_and_fake_format_tuned
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RL = TINY + ["--rae_questions=4", "--rae_samples=2", "--rl_batch=4", "--minibatch_size=2", "--micro_batch=1",
+RL = TINY + ["--rae_questions=4", "--rae_group=2", "--rl_batch=4", "--minibatch_size=2", "--micro_batch=1",
              "--rl_max_new_tokens=8", "--rl_steps=12", "--rl_ckpt_every=1", "--ckpt_every=1", "--min_free_gb=0"]
 
 
@@ -133,7 +133,7 @@ def test_torchrun_two_processes_run_the_stages(prepared, tmp_path):
     os.makedirs(os.path.join(out, "synthesize"))
     with open(os.path.join(out, "synthesize", "demos.jsonl"), "w") as f:
         f.write(json.dumps({"question": P["question"], "answer": P["answer"], "response": demo}) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")    # gloo on the CPU, GPU or not
     run = lambda *a: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                      "train.py", f"--out={out}", *a, *RL], cwd=ROOT, env=env, capture_output=True,
                                     text=True, timeout=300)

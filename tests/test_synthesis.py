@@ -118,7 +118,7 @@ def test_task_all_types_and_every_claim_true(tok, tmp_path):
     train, _ = builtin_split(n_train=12, n_test=1, seed=3)
     problems = [p for p in train if len(p["ops"]) == 3][:12]
     gen = task_generator(tok)
-    cfg = SynthConfig(n_samples=len(PLAN), keep_correct=4, keep_incorrect=4, max_new_tokens=64, chunk=5)
+    cfg = SynthConfig(group=len(PLAN), keep_correct=4, keep_incorrect=4, max_new_tokens=64, chunk=5)
     records = synthesize_coat(gen, tok, problems, cfg, seed=0, log=lambda *a: None)
     stats = synthesize_stats(records)
     assert all(stats[t] > 0 for t in COAT_TYPES), stats
@@ -141,7 +141,7 @@ def test_task_all_types_and_every_claim_true(tok, tmp_path):
 def test_task_deterministic_and_rounds(tok):
     train, _ = builtin_split(n_train=6, n_test=1, seed=4)
     problems = [p for p in train if len(p["ops"]) == 3]
-    cfg = SynthConfig(n_samples=len(PLAN), max_new_tokens=64)
+    cfg = SynthConfig(group=len(PLAN), max_new_tokens=64)
     quiet = lambda *a: None
     a = synthesize_coat(task_generator(tok), tok, problems, cfg, seed=1, log=quiet)
     assert a == synthesize_coat(task_generator(tok), tok, problems, cfg, seed=1, log=quiet)
@@ -151,10 +151,10 @@ def test_task_deterministic_and_rounds(tok):
     assert {(r["question"], r["type"]) for r in longest} == set(short)
     assert all(len(r["response"]) >= short[r["question"], r["type"]] for r in longest)
     assert any(len(r["response"]) > short[r["question"], r["type"]] for r in longest)
-    one = synthesize_coat(task_generator(tok), tok, problems, SynthConfig(n_samples=len(PLAN), max_rounds=1,
+    one = synthesize_coat(task_generator(tok), tok, problems, SynthConfig(group=len(PLAN), max_rounds=1,
                                                                            verify_prob=1.0), log=quiet)
     assert {r["type"] for r in one} <= {"verify", "correct_once"}
-    none = synthesize_coat(task_generator(tok), tok, problems, SynthConfig(n_samples=len(PLAN), verify_prob=0.0),
+    none = synthesize_coat(task_generator(tok), tok, problems, SynthConfig(group=len(PLAN), verify_prob=0.0),
                            log=quiet)
     assert {r["type"] for r in none} == {"no_reflect", "correct_once", "correct_twice"}
     with pytest.raises(ValueError):
@@ -203,7 +203,7 @@ def test_user_data_answer_critic(tok):
                 outs.append(tok.encode(f" I recount: {a} + 3 is \\boxed{{{ans}}}."))
         return outs
 
-    cfg = SynthConfig(n_samples=8, verify_prob=1.0, reflect_delay=0)
+    cfg = SynthConfig(group=8, verify_prob=1.0, reflect_delay=0)
     records = synthesize_coat(generate, tok, problems, cfg, log=lambda *a: None)
     assert set(synthesize_stats(records)) >= set(COAT_TYPES)
     assert {r["type"] for r in records} == {"no_reflect", "correct_once", "correct_twice"}
@@ -230,7 +230,7 @@ def test_random_model_through_sampler(tok):
         return outs
 
     train, _ = builtin_split(n_train=2, n_test=1, seed=0)
-    records = synthesize_coat(gen, tok, train, SynthConfig(n_samples=4, max_new_tokens=16), log=lambda *a: None)
+    records = synthesize_coat(gen, tok, train, SynthConfig(group=4, max_new_tokens=16), log=lambda *a: None)
     assert calls[0] == 8 and len(calls) == 3        # samples, then two rounds of continuations of garbage
     for r in records:
         assert r["type"] in COAT_TYPES and coat_grammar_ok(r["response"]) and grade(r["response"], r["answer"])

@@ -50,7 +50,7 @@ def test_sft_stage_needs_demos(tmp_path):
 
 TINY = ["--n_train=64", "--n_test=4", "--n_rl=64", "--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=1",
         "--vocab_size=300", "--pretrain_steps=2", "--pretrain_batch_tokens=1024", "--eval_max_new_tokens=8",
-        "--log_every=1", "--synth_questions=3", "--synth_samples=2", "--synth_max_new_tokens=8", "--sft_epochs=1"]
+        "--log_every=1", "--synth_questions=3", "--synth_group=2", "--synth_max_new_tokens=8", "--sft_epochs=1"]
 
 
 def test_tiny_chain(tmp_path):
@@ -97,7 +97,7 @@ def test_tiny_rl_stages(tmp_path, capsys, monkeypatch):
     (An untrained model may have no right answer, so the RAE buffer may be empty: rl then falls back
     to the plain questions.)"""
     out = str(tmp_path)
-    small = TINY + ["--rae_questions=4", "--rae_samples=2", "--rl_batch=4", "--minibatch_size=2",
+    small = TINY + ["--rae_questions=4", "--rae_group=2", "--rl_batch=4", "--minibatch_size=2",
                     "--micro_batch=1", "--rl_max_new_tokens=8", "--rl_steps=2"]
     pretrain_and_fake_format_tuned(out, small)
     train.main([f"--out={out}", "--stages=orm,rl,eval"] + small)
@@ -129,7 +129,10 @@ def test_tiny_rl_stages(tmp_path, capsys, monkeypatch):
     pool = rae.plain_states(data.load_problems(train.parse_args(small))[2], tok)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     cfg = train.parse_args(small + ["--sampler_dtype=bfloat16", "--rl_steps=1", "--rl_ckpt_every=0"])
-    m = rl.rl_train(cfg, policy, tok, data.load_problems(cfg)[2], pool, 1.0, 1, 1, critic=ValueModel.from_policy(policy),
+    # round 1's trained critic: its values differ from token to token, so the advantages are not all
+    # zero even when every sample gets the same reward (a zero value head, from_policy, would make them so)
+    critic = ValueModel.from_pretrained(os.path.join(out, "rl_round1", "critic"), device=next(policy.parameters()).device)
+    m = rl.rl_train(cfg, policy, tok, data.load_problems(cfg)[2], pool, 1.0, 1, 1, critic=critic,
                     ckpt_dir=os.path.join(out, "ck"))
     assert m["step"] == 1 and m["skipped_steps"] == 0
     assert any(not v.equal(policy.state_dict()[k]) for k, v in before.items())
