@@ -46,6 +46,25 @@ def decode_attention_def(q, k_cache, v_cache, block_tables, context_lens, scale)
     return torch.stack(out)
 
 
+def prefill_attention_def(q, k_cache, v_cache, block_tables, q_start, q_lens, context_lens, scale):
+    """Per sequence, per query token: gather the keys up to its own position through the block
+    table, repeat each KV head for its group, dense softmax attention."""
+    n_heads, hd = q.shape[1:]
+    bs, n_kv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for s in range(block_tables.shape[0]):
+        ctx, n = int(context_lens[s]), int(q_lens[s])
+        for i in range(n):
+            p = ctx - n + i                                                     # the query's position
+            blocks = [int(block_tables[s, t // bs]) for t in range(p + 1)]
+            k = torch.stack([k_cache[blocks[t], t % bs] for t in range(p + 1)]).double().repeat_interleave(n_heads // n_kv, 1)
+            v = torch.stack([v_cache[blocks[t], t % bs] for t in range(p + 1)]).double().repeat_interleave(n_heads // n_kv, 1)
+            row = int(q_start[s]) + i
+            att = torch.einsum("hd,thd->ht", q[row].double(), k) * scale
+            out[row] = torch.einsum("ht,thd->hd", att.softmax(-1), v)
+    return out
+
+
 def logprobs_def(hidden, weight, targets, temperature=1.0):
     """The naive way: full logits, log_softmax, gather; entropy = -sum p log p."""
     logp = torch.log_softmax((hidden @ weight.T) / temperature, dim=-1)
@@ -72,6 +91,21 @@ def _decode_case(group, dtype, hd=32, bs=8, n_kv=2, q_scale=1.0):
     lens = torch.tensor([bs - 1, 1, bs, 3 * bs + 3], dtype=torch.int32, device=DEVICE)
     q = (torch.randn(4, n_kv * group, hd, generator=torch.Generator().manual_seed(1)) * q_scale)
     return q.to(DEVICE, dtype), kc, vc, bt, lens, hd ** -0.5
+
+
+def _prefill_case(group, dtype, hd=64, bs=8, n_kv=2):
+    """Three sequences: one whose whole prompt is new (it crosses blocks), one with the first
+    3 blocks cached (shared with the first: only its last 5 tokens are queries), one of a single
+    token; GQA group `group`, head_dim 64 (the sampler's shape), blocks out of order."""
+    kc, vc = _cache(16, bs, n_kv, hd, dtype)
+    bt = torch.tensor([[9, 4, 12, 1, 0, 0],
+                       [9, 4, 12, 7, 3, 0],
+                       [14, 0, 0, 0, 0, 0]], dtype=torch.int32, device=DEVICE)
+    ctx = torch.tensor([3 * bs + 2, 4 * bs + 5 - bs, 1], dtype=torch.int32, device=DEVICE)
+    q_lens = torch.tensor([3 * bs + 2, 5, 1], dtype=torch.int32, device=DEVICE)
+    q_start = (q_lens.cumsum(0) - q_lens).int()
+    q = torch.randn(int(q_lens.sum()), n_kv * group, hd, generator=torch.Generator().manual_seed(3))
+    return q.to(DEVICE, dtype), kc, vc, bt, q_start, q_lens, ctx, hd ** -0.5
 
 
 def _lp_case(N=37, H=40, V=200, dtype=torch.float32, scale=1.0, seed=0):
@@ -116,6 +150,59 @@ def test_decode_attention_ref_matches_definition(group):
     out = kernels.decode_attention_ref(q, kc, vc, bt, lens, scale)
     assert out.shape == q.shape and out.dtype == q.dtype
     _close(out, decode_attention_def(q, kc, vc, bt, lens, scale), 1e-5)
+
+
+@pytest.mark.parametrize("group", [1, 7])
+def test_prefill_attention_ref_matches_definition(group):
+    case = _prefill_case(group, torch.float32)
+    want = prefill_attention_def(*case)
+    _close(kernels.prefill_attention_ref(*case), want, 1e-5)
+    q, kc, vc, bt, q_start, q_lens, ctx, scale = case
+    # the sequences one at a time (rows of one sequence only): the same rows
+    for i in range(3):
+        lo, n = int(q_start[i]), int(q_lens[i])
+        one = kernels.prefill_attention_ref(q[lo:lo + n], kc, vc, bt[i:i + 1], q_start[:1] * 0, q_lens[i:i + 1],
+                                            ctx[i:i + 1], scale)
+        _close(one, want[lo:lo + n], 1e-5)
+
+
+def test_token_logprobs_with_no_rows():
+    w = torch.randn(10, 8, device=DEVICE, requires_grad=True)
+    lp, ent = kernels.token_logprobs(torch.zeros(0, 8, device=DEVICE), w, torch.zeros(0, dtype=torch.long,
+                                                                                      device=DEVICE), return_entropy=True)
+    assert lp.shape == ent.shape == (0,)
+    lp.sum().backward()
+    assert w.grad is not None and not w.grad.any()
+
+
+def test_kernel_choice_from_the_environment():
+    code = ("import torch, kernels\n"
+            "assert not kernels._use_triton(torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu'))\n"
+            "print('ok')")
+    env = dict(os.environ, NANOSATORI_KERNELS="torch", TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    env["NANOSATORI_KERNELS"] = "cuda"
+    r = subprocess.run([sys.executable, "-c", "import kernels"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "NANOSATORI_KERNELS='cuda': expected auto, triton or torch" in r.stderr
+
+
+def test_a_kernel_that_fails_falls_back_once(monkeypatch):
+    """NANOSATORI_KERNELS=auto: a first launch that raises (a compile error) warns once and runs the
+    reference from then on; =triton: the error propagates."""
+    monkeypatch.setattr(kernels, "_failed", set())
+    monkeypatch.setattr(kernels, "_ran", set())
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("PTX assembly failed")
+    with pytest.warns(UserWarning, match="the Triton toy kernel failed"):
+        assert kernels._launch("toy", broken, lambda: "ref") == "ref"
+    assert "toy" in kernels._failed and not kernels._use_triton(torch.zeros(1), "toy")
+    monkeypatch.setattr(kernels, "KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="PTX"):
+        kernels._launch("other", broken, lambda: "ref")
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
@@ -206,6 +293,22 @@ def test_kernel_decode_attention(group, num_splits):
     out = kernels.decode_attention(q, kc, vc, bt, lens, scale, num_splits=num_splits)
     assert out.shape == q.shape and out.dtype == q.dtype
     _close(out, kernels.decode_attention_ref(q, kc, vc, bt, lens, scale), 1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("group", [1, 7])
+@pytest.mark.parametrize("bs", [8, 16])
+def test_kernel_prefill_attention(group, bs):
+    case = _prefill_case(group, torch.float32, bs=bs)
+    out = kernels.prefill_attention(*case)
+    assert out.shape == case[0].shape and out.dtype == case[0].dtype
+    _close(out, kernels.prefill_attention_ref(*case), 1e-4)
+
+
+@needs_triton
+def test_kernel_prefill_attention_bf16():
+    case = _prefill_case(7, torch.bfloat16)
+    _close(kernels.prefill_attention(*case), prefill_attention_def(*case), 3e-2)
 
 
 @needs_triton
