@@ -86,16 +86,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # normalised in fp32 whatever x's dtype, as transformers' Qwen2RMSNorm
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rope_cos_sin(positions, head_dim, theta, dtype):
-    """positions [B, T] -> cos, sin [B, T, head_dim] (rotate-half layout, as Qwen2 uses)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq
+def rope_table(n, head_dim, theta, device, dtype):
+    """cos, sin [n, head_dim] of positions 0 .. n-1 (rotate-half layout, as Qwen2 uses)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    freqs = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -168,6 +166,15 @@ class Trunk(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._rope = {}        # (device, dtype) -> rotary table (not a parameter or buffer: not saved)
+
+    def rope(self, n, device, dtype):
+        """The rotary table of at least n positions, built once per device and dtype (positions index
+        it, which is cheaper than computing cos and sin for every forward)."""
+        cos, sin = self._rope.get((device, dtype), (None, None))
+        if cos is None or cos.shape[0] < n:
+            cos, sin = self._rope[(device, dtype)] = rope_table(n, self.cfg.head_dim, self.cfg.rope_theta, device, dtype)
+        return cos, sin
 
     def forward(self, input_ids, positions=None, attn_mask=None, cache=None):
         """input_ids [B, T] -> final hidden states [B, T, H]. positions default to 0..T-1;
@@ -175,7 +182,8 @@ class Trunk(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = self.rope(max(self.cfg.max_position_embeddings, input_ids.shape[1]), x.device, x.dtype)
+        cos, sin = cos[positions], sin[positions]
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, cache)
         return self.norm(x)
