@@ -1,4 +1,6 @@
-"""The KV-cache sampler: paged cache, continuous batching, prefill + decode, temperature / top-p.
+"""The KV-cache sampler: a paged cache, continuous batching in fixed slots, one batched prefill for
+every admitted prompt, a static decode step (one CUDA graph per batch bucket on CUDA), temperature
+and top-p.
 
     sampler = Sampler(model, max_batch=64)
     outs = sampler.generate([tok.encode_prompt(q) for q in questions], max_new_tokens=256,
@@ -7,9 +9,20 @@
 
 The cache is allocated once as fixed-size blocks; each sequence holds a block table. A sequence
 reserves the blocks for its whole budget (prompt + max_new_tokens) when it is admitted, so no
-preemption is ever needed, and frees them the moment it stops; the next prompt in the queue takes
-its slot at once. Full blocks of prompt tokens are shared between sequences with the same prefix
-(the prompt template, several samples of one question, restart states), keyed by the exact prefix.
+preemption is ever needed. Full blocks of prompt tokens are shared between sequences with the same
+prefix (the prompt template, several samples of one question, restart states), keyed by the exact
+prefix.
+
+A running sequence sits in one of max_batch slots. What a decode step needs lives in device tensors
+indexed by slot (the token to feed, its position, the block table, tokens generated, budget, a
+running flag, the tokens and log-probs generated so far), and the step updates them in place: a stop
+token or the budget ends a sequence on the device, with no host round trip. Every `sync_every`
+steps the host collects the finished sequences, admits waiting ones (one prefill for all of them)
+and moves the running ones into the lowest slots, so that the step runs on the smallest bucket that
+holds them (1, 2, 4, ... max_batch on CUDA, where each bucket's step is a CUDA graph).
+
+Sampling draws one uniform number per token from a hash of (seed, prompt index, token index) and
+inverts the distribution's CDF: a prompt gets the same samples alone or in any batch.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,6 +32,9 @@ import torch.nn.functional as F
 
 import kernels
 import parallel
+
+MAX_STOP_IDS = 8      # stop ids live in a fixed-size device buffer (a CUDA graph reads it)
+CUDA_GRAPHS = True    # the default of Sampler(cuda_graphs=None) on CUDA (train.py's --cuda_graphs)
 
 
 @dataclass
@@ -40,71 +56,107 @@ class Completion:
 @dataclass
 class _Seq:
     index: int            # position in the caller's prompt list
-    tokens: list          # prompt + generated so far
-    prompt_len: int
+    prompt: list
     budget: int           # max_new_tokens of this sequence
     blocks: list          # block table
-    out: Completion
     cached: int = 0       # prompt tokens whose K/V came from shared blocks
+    slot: int = -1
+    steps: int = 0        # tokens generated, as far as the host knows (an upper bound between syncs)
 
 
 class PagedKVCache:
     """K/V for every layer, [L, num_blocks, block_size, n_kv, hd] each, and the metadata of the
-    current step. The model calls `attend` once per layer with the step's packed tokens."""
+    current step. The model calls `attend` once per layer with the step's packed tokens.
 
-    def __init__(self, cfg, num_blocks, block_size, device, dtype):
+    With slots > 0 (on CPU), decode reads each slot's K/V from a contiguous copy [L, slots, n_kv,
+    max_len, hd] instead of the blocks: gathering the blocks every step copies every context once
+    per layer, which is most of a CPU decode step. Prefill still writes the blocks (prefixes are
+    shared through them) and then copies each new sequence's prompt into its slot's rows."""
+
+    def __init__(self, cfg, num_blocks, block_size, device, dtype, slots=0, max_len=0):
         shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.block_size = block_size
-        self.scale = cfg.head_dim ** -0.5
+        self.scale, self.block_size = cfg.head_dim ** -0.5, block_size
+        dense = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.dense = (torch.zeros(dense, device=device, dtype=dtype), torch.zeros(dense, device=device, dtype=dtype)) \
+            if slots else None
 
-    def set_step(self, slot_mapping, block_tables, context_lens, query_lens, decode):
-        # slot_mapping [N]: cache slot of each new token; block_tables [B, max_blocks];
-        # context_lens [B]: cached tokens after this step; query_lens: new tokens per sequence.
+    def set_decode(self, slot_mapping, block_tables, context_lens, positions):
+        # One new token per sequence (slot i runs slot i's): slot_mapping [B] (-1: not running),
+        # context_lens [B] >= 1, positions [B] of the new tokens.
+        self.prefill = None
         self.slot_mapping, self.block_tables, self.context_lens = slot_mapping, block_tables, context_lens
-        self.query_lens, self.decode = query_lens, decode
+        self.positions = positions
+
+    def set_prefill(self, slot_mapping, block_tables, q_start, q_lens, context_lens, max_q_len, slots):
+        # Packed runs of new tokens: sequence i's are rows q_start[i] .. + q_lens[i], the last of its
+        # context_lens[i] tokens (an earlier part may sit in blocks another sequence computed);
+        # slots [n]: where the sequences run.
+        self.prefill = (q_start, q_lens, max_q_len, slots)
+        self.slot_mapping, self.block_tables, self.context_lens = slot_mapping, block_tables, context_lens
 
     def attend(self, layer, q, k, v):
         """q [N, heads, hd], k/v [N, n_kv, hd] of the step's new tokens -> [N, heads, hd]."""
         k_cache, v_cache = self.k[layer], self.v[layer]
+        if self.prefill is None and self.dense is not None:
+            return self._attend_dense(layer, q, k, v)
         kernels.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
-        if self.decode:   # one new token per sequence
+        if self.prefill is None:
             return kernels.decode_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.scale)
-        # Prefill: each sequence's new tokens attend causally to its whole cached context, which
-        # may start with shared prefix blocks computed by another sequence.
-        outs, start = [], 0
-        for b, n in enumerate(self.query_lens):
-            ctx = int(self.context_lens[b])
-            slots = _slots(self.block_tables[b], ctx, self.block_size)
-            kc = k_cache.flatten(0, 1)[slots].transpose(0, 1)                 # [n_kv, ctx, hd]
-            vc = v_cache.flatten(0, 1)[slots].transpose(0, 1)
-            qb = q[start:start + n].transpose(0, 1)                            # [heads, n, hd]
-            # query i sits at position ctx - n + i and sees keys 0 .. ctx - n + i
-            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
-            o = F.scaled_dot_product_attention(qb[None], kc[None], vc[None], attn_mask=mask, enable_gqa=True)
-            outs.append(o[0].transpose(0, 1))
-            start += n
-        return torch.cat(outs)
+        q_start, q_lens, max_q_len, slots = self.prefill
+        out = kernels.prefill_attention(q, k_cache, v_cache, self.block_tables, q_start, q_lens,
+                                        self.context_lens, self.scale, max_q_len)
+        if self.dense is not None:       # the new sequences' prompts into their slots' rows
+            n, w = self.block_tables.shape
+            for cache, dense in ((k_cache, self.dense[0][layer]), (v_cache, self.dense[1][layer])):
+                blocks = cache[self.block_tables.long()].reshape(n, w * self.block_size, *cache.shape[2:])
+                dense[slots, :, :w * self.block_size] = blocks.transpose(1, 2)
+        return out
 
-
-def _slots(block_table, n, block_size):
-    """Cache slots of a sequence's first n tokens."""
-    pos = torch.arange(n, device=block_table.device)
-    return block_table[pos // block_size].long() * block_size + pos % block_size
+    def _attend_dense(self, layer, q, k, v):
+        b, T = q.shape[0], self.block_tables.shape[1] * self.block_size
+        dk, dv = self.dense[0][layer], self.dense[1][layer]                  # [slots, n_kv, max_len, hd]
+        rows = torch.arange(b, device=q.device)
+        dk[rows, :, self.positions], dv[rows, :, self.positions] = k, v      # a stopped slot's row is unused
+        mask = (torch.arange(T, device=q.device) < self.context_lens[:, None])[:, None, None, :]
+        # the query heads of a KV head play the part of query positions: no K/V repeated per head
+        o = F.scaled_dot_product_attention(q.view(b, dk.shape[1], -1, q.shape[-1]), dk[:b, :, :T], dv[:b, :, :T],
+                                           attn_mask=mask, scale=self.scale)
+        return o.reshape(q.shape)
 
 
 class Sampler:
-    def __init__(self, model, max_batch=64, block_size=16, max_seq_len=None, num_blocks=None):
+    def __init__(self, model, max_batch=64, block_size=16, max_seq_len=None, num_blocks=None, cuda_graphs=None,
+                 sync_every=None, dense=None):
+        """cuda_graphs: capture the decode step per bucket (default: on CUDA); sync_every: decode
+        steps between the host's looks at the slots (default: 8 on CUDA, 1 on CPU, where a look
+        costs nothing); dense: decode from contiguous per-slot K/V (default: on CPU; see PagedKVCache)."""
         self.model = model
         cfg = model.cfg
         self.max_batch, self.block_size = max_batch, block_size
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 2048)
-        blocks_per_seq = -(-self.max_seq_len // block_size)
-        self.num_blocks = num_blocks or max_batch * blocks_per_seq
+        self.width = -(-self.max_seq_len // block_size)                   # blocks per sequence
+        self.num_blocks = num_blocks or max_batch * self.width
         p = next(model.parameters())
-        self.device = p.device
-        self.cache = PagedKVCache(cfg, self.num_blocks, block_size, p.device, p.dtype)
+        self.device = dev = p.device
+        dense = dev.type == "cpu" if dense is None else dense
+        self.cache = PagedKVCache(cfg, self.num_blocks, block_size, dev, p.dtype, max_batch if dense else 0,
+                                  self.width * block_size if dense else 0)
+        # the rotary table at its full size now: a captured step keeps reading the tensor it saw
+        model.model.rope(max(cfg.max_position_embeddings, self.max_seq_len, max_batch), dev, p.dtype)
+        self.cuda_graphs = dev.type == "cuda" and (CUDA_GRAPHS if cuda_graphs is None else cuda_graphs)
+        self.sync_every = sync_every or (8 if dev.type == "cuda" else 1)
+        S, L = max_batch, self.max_seq_len
+        zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=dev)
+        # the slots' state, updated in place by every decode step
+        self.tok, self.pos, self.n_gen, self.budget, self.key = (zeros(S) for _ in range(5))
+        self.running = zeros(S, dtype=torch.bool)
+        self.tables = zeros(S, self.width, dtype=torch.int32)
+        self.out_tok, self.out_lp = zeros(S, L), zeros(S, L, dtype=torch.float32)
+        # the call's settings, as device tensors so that a captured step reads the current ones
+        self.seed_t, self.temp_t, self.stop_t = zeros(1), zeros(1, dtype=torch.float32), zeros(MAX_STOP_IDS)
+        self.graphs, self.pool = {}, None
 
     # ------------------------------------------------------------------ block bookkeeping
     def _reset_blocks(self):
@@ -153,15 +205,58 @@ class Sampler:
             key = tuple(prompt[:(i + 1) * bs])
             if key not in self.block_of:
                 self.block_of[key], self.prefix_of[blocks[i]] = blocks[i], key
-        return _Seq(index, list(prompt), len(prompt), max_new_tokens, blocks, Completion(), cached=len(shared) * bs)
+        return _Seq(index, list(prompt), max_new_tokens, blocks, cached=len(shared) * bs)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=None, seed=None):
         """max_new_tokens: one budget for all, or a list with one per prompt."""
+        budgets = self._check(prompts, max_new_tokens, stop_ids)
+        stop = list(stop_ids or [])
+        self.seed_t.fill_((torch.seed() if seed is None else seed) & 0xFFFFFFFF)
+        self.temp_t.fill_(temperature or 1.0)
+        self.stop_t.fill_(-1)
+        self.stop_t[:len(stop)] = torch.tensor(stop, dtype=torch.long)
+        self.running.zero_()
+        self._reset_blocks()
+        mode = (temperature == 0, top_p)
+        queue = deque(zip(range(len(prompts)), prompts, budgets))
+        slots, results = [None] * self.max_batch, [None] * len(prompts)
+        while True:
+            self._collect(slots, results, set(stop))
+            if not queue and not any(slots):
+                return results
+            admitted = []
+            while queue and None in slots:
+                seq = self._admit(*queue[0])
+                if seq is None:
+                    break
+                queue.popleft()
+                seq.slot = slots.index(None)
+                slots[seq.slot] = seq
+                admitted.append(seq)
+            if admitted:
+                self._prefill(admitted, *mode)
+                continue                       # collect the ones a stop token ended at once
+            if not any(slots):
+                raise RuntimeError("KV cache too small for one sequence: raise num_blocks")
+            b = self._compact(slots)
+            steps = max(1, min(self.sync_every, min(s.budget - s.steps for s in slots if s)))
+            # eagerly, attention reads only the blocks the running sequences can reach by the next look
+            width = None if self.cuda_graphs else -(-max(len(s.prompt) + s.steps + steps for s in slots if s)
+                                                    // self.block_size)
+            for _ in range(steps):
+                self._decode(b, *mode, width)
+            for s in slots:
+                if s:
+                    s.steps += steps
+
+    def _check(self, prompts, max_new_tokens, stop_ids):
         budgets = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
         if len(budgets) != len(prompts):
             raise ValueError(f"{len(budgets)} max_new_tokens for {len(prompts)} prompts")
+        if len(stop_ids or []) > MAX_STOP_IDS:
+            raise ValueError(f"{len(stop_ids)} stop ids: at most {MAX_STOP_IDS}")
         for i, (p, n) in enumerate(zip(prompts, budgets)):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
@@ -170,60 +265,180 @@ class Sampler:
             if len(p) + n > self.max_seq_len:
                 raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {n} exceeds "
                                  f"the sampler's max_seq_len {self.max_seq_len}")
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
-        stop = set(stop_ids or [])
-        self._reset_blocks()
-        queue = deque(zip(range(len(prompts)), prompts, budgets))
-        running, results = [], [None] * len(prompts)
-        while queue or running:
-            admitted = []
-            while queue and len(running) + len(admitted) < self.max_batch:
-                seq = self._admit(*queue[0])
-                if seq is None:
-                    break
-                queue.popleft()
-                admitted.append(seq)
-            if not admitted and not running:
-                raise RuntimeError("KV cache too small for one sequence: raise num_blocks")
-            batch = admitted or running       # prefill the newcomers first, then decode everyone
-            logits = self._forward(batch, decode=not admitted)
-            tokens, logprobs = sample(logits, temperature, top_p, gen)
-            for seq, t, lp in zip(batch, tokens.tolist(), logprobs.tolist()):
-                seq.tokens.append(t)
-                seq.out.tokens.append(t)
-                seq.out.logprobs.append(lp)
-                if t in stop or len(seq.out.tokens) >= seq.budget:
-                    seq.out.finish_reason = "stop" if t in stop else "length"
-                    results[seq.index] = seq.out
-                    self._release(seq.blocks)
-            running = [s for s in running + admitted if not s.out.finish_reason]
-        return results
+        return budgets
 
-    def _forward(self, batch, decode):
-        """Run the model on the step's new tokens; returns the logits of each sequence's last one."""
+    def _prefill(self, seqs, greedy, top_p):
+        """One forward over every admitted sequence's uncached prompt tokens; samples each one's
+        first token and puts the sequences in their slots."""
         bs, dev = self.block_size, self.device
-        if decode:   # the newest token of each sequence (its K/V is not cached yet)
-            new = [s.tokens[-1:] for s in batch]
-            starts = [len(s.tokens) - 1 for s in batch]
-        else:        # the prompt, minus the prefix whose K/V sits in shared blocks
-            new = [s.tokens[s.cached:] for s in batch]
-            starts = [s.cached for s in batch]
-        query_lens = [len(n) for n in new]
+        new = [s.prompt[s.cached:] for s in seqs]
+        lens = [len(n) for n in new]
         ids = torch.tensor([t for n in new for t in n], device=dev)
-        pos = torch.tensor([p for st, n in zip(starts, new) for p in range(st, st + len(n))], device=dev)
-        # block tables cut to the blocks in use: attention reads no reserved-but-empty blocks
-        used = [-(-(st + len(n)) // bs) for st, n in zip(starts, new)]
-        width = max(used)
-        tables = torch.tensor([s.blocks[:u] + [0] * (width - u) for s, u in zip(batch, used)], dtype=torch.int32, device=dev)
-        slots = torch.tensor([s.blocks[p // bs] * bs + p % bs
-                              for s, st, n in zip(batch, starts, new) for p in range(st, st + len(n))],
-                             dtype=torch.long, device=dev)
-        ctx = torch.tensor([st + len(n) for st, n in zip(starts, new)], dtype=torch.int32, device=dev)
-        self.cache.set_step(slots, tables, ctx, query_lens, decode)
-        h = self.model.hidden(ids[None], pos[None], cache=self.cache)[0]     # [N, H]
-        last = torch.tensor(query_lens, device=dev).cumsum(0) - 1
-        return h[last] @ self.model.lm_head.weight.T                           # [B, V]
+        pos = torch.tensor([p for s in seqs for p in range(s.cached, len(s.prompt))], device=dev)
+        slot_map = torch.tensor([s.blocks[p // bs] * bs + p % bs for s in seqs for p in range(s.cached, len(s.prompt))],
+                                device=dev)
+        tables = torch.tensor([s.blocks + [0] * (self.width - len(s.blocks)) for s in seqs], dtype=torch.int32,
+                              device=dev)
+        prompt_blocks = -(-max(len(s.prompt) for s in seqs) // bs)          # attention reads no further
+        q_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        q_start = q_lens.cumsum(0, dtype=torch.int32) - q_lens
+        ctx = torch.tensor([len(s.prompt) for s in seqs], dtype=torch.int32, device=dev)
+        sl = torch.tensor([s.slot for s in seqs], device=dev)
+        self.cache.set_prefill(slot_map, tables[:, :prompt_blocks], q_start, q_lens, ctx, max(lens), sl)
+        h = self.model.hidden(ids[None], pos[None], cache=self.cache)[0]         # [N, H]
+        logits = h[q_start + q_lens - 1] @ self.model.lm_head.weight.T               # [B, V]
+        key = stream_key(self.seed_t, torch.tensor([s.index for s in seqs], device=dev))
+        tok, lp = sample(logits, self.temp_t, top_p, uniform(key, torch.zeros_like(key)), greedy)
+        budget = torch.tensor([s.budget for s in seqs], device=dev)
+        self.tables[sl], self.key[sl], self.budget[sl] = tables, key, budget
+        self.tok[sl], self.pos[sl], self.n_gen[sl] = tok, ctx.long(), 1
+        self.out_tok[sl, 0], self.out_lp[sl, 0] = tok, lp
+        self.running[sl] = ~((tok[:, None] == self.stop_t).any(-1) | (budget <= 1))
+        for s in seqs:
+            s.steps = 1
+
+    def _step(self, b, greedy, top_p, width=None):
+        """The static decode step of slots [0, b): feed each running slot's token, sample the next,
+        record it, end sequences at a stop token or their budget. Shapes depend on b alone and
+        nothing reads the host, so a CUDA graph can capture it. width: block-table columns to read
+        (eager only; None: all)."""
+        bs, L = self.block_size, self.max_seq_len
+        tok, pos, run, n = self.tok[:b], self.pos[:b], self.running[:b], self.n_gen[:b]
+        tables = self.tables[:b, :width]
+        blk = tables.gather(1, (pos // bs)[:, None])[:, 0].long()
+        self.cache.set_decode(torch.where(run, blk * bs + pos % bs, -1), tables, torch.where(run, pos + 1, 1).int(), pos)
+        h = self.model.hidden(tok[None], pos[None], cache=self.cache)[0]            # [b, H]
+        new, lp = sample(h @ self.model.lm_head.weight.T, self.temp_t, top_p, uniform(self.key[:b], n), greedy)
+        # out[slot, n] for every slot: a stopped slot writes past its last token, where nothing reads
+        at = torch.arange(b, device=self.device) * L + n.clamp(max=L - 1)
+        self.out_tok.view(-1)[at], self.out_lp.view(-1)[at] = new, lp
+        done = run & ((new[:, None] == self.stop_t).any(-1) | (n + 1 >= self.budget[:b]))
+        n += run
+        pos += run
+        tok.copy_(new)
+        run &= ~done
+
+    def _decode(self, b, greedy, top_p, width=None):
+        if not self.cuda_graphs or top_p < 1.0:
+            return self._step(b, greedy, top_p, width)
+        graph = self.graphs.get((b, greedy))
+        if graph is None:
+            graph = self.graphs[(b, greedy)] = self._capture(b, greedy)
+        graph.replay()
+
+    @torch.inference_mode()
+    def capture(self, greedy=False):
+        """Capture the decode step of every bucket now (each is otherwise captured on first use);
+        a no-op without CUDA graphs."""
+        if self.cuda_graphs:
+            for b in sorted({self._bucket(n) for n in range(1, self.max_batch + 1)}, reverse=True):
+                if (b, greedy) not in self.graphs:
+                    self.graphs[(b, greedy)] = self._capture(b, greedy)
+
+    def _capture(self, b, greedy):
+        """The step of bucket b as a CUDA graph. Warm-up and capture run with every slot stopped,
+        so that they write no K/V and advance nothing; the tokens to feed, which a step overwrites
+        in every slot, are put back."""
+        running, tok = self.running.clone(), self.tok.clone()
+        self.running.zero_()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):       # compiles and autotunes the kernels before capture
+            for _ in range(2):
+                self._step(b, greedy, 1.0)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._step(b, greedy, 1.0)
+        self.running.copy_(running)
+        self.tok.copy_(tok)
+        return graph
+
+    def _collect(self, slots, results, stop):
+        """The host's look at the slots (one sync): finished sequences become Completions and give
+        their blocks back."""
+        occupied = [i for i, s in enumerate(slots) if s]
+        if not occupied:
+            return
+        running = self.running.tolist()
+        done = [i for i in occupied if not running[i]]
+        if not done:
+            return
+        idx = torch.tensor(done, device=self.device)
+        n = self.n_gen[idx].tolist()
+        toks, lps = self.out_tok[idx, :max(n)].tolist(), self.out_lp[idx, :max(n)].tolist()
+        for i, k, t, lp in zip(done, n, toks, lps):
+            seq = slots[i]
+            reason = "stop" if t[k - 1] in stop else "length"
+            results[seq.index] = Completion(t[:k], lp[:k], reason)
+            self._release(seq.blocks)
+            slots[i] = None
+
+    def _compact(self, slots):
+        """Move the topmost running sequences into the free slots below them when a smaller bucket
+        then holds them all (only the moved slots' state is copied) -> the bucket of the next steps."""
+        used = [i for i, s in enumerate(slots) if s]
+        n, top = len(used), used[-1] + 1
+        if self._bucket(n) < self._bucket(top):
+            holes = [j for j in range(n) if slots[j] is None]
+            movers = [i for i in used if i >= n]
+            dst, src = (torch.tensor(x, device=self.device) for x in (holes, movers))
+            for t in (self.tok, self.pos, self.n_gen, self.budget, self.key, self.running, self.tables,
+                      self.out_tok, self.out_lp):
+                t[dst] = t[src]
+            self.running[src] = False
+            for d in self.cache.dense or ():
+                d[:, dst] = d[:, src]
+            for j, i in zip(holes, movers):
+                slots[j], slots[i] = slots[i], None
+                slots[j].slot = j
+            top = n
+        return self._bucket(top)
+
+    def _bucket(self, n):
+        """The batch a step runs on for slots [0, n): n itself eagerly (every step costs in
+        proportion to its batch); with CUDA graphs a power of two (or max_batch), so that few are
+        captured and the running sequences move seldom."""
+        return min(1 << (n - 1).bit_length(), self.max_batch) if self.cuda_graphs else n
+
+
+def _mix(x):
+    """A multiply-xorshift hash of 32-bit words held in int64 (no product overflows)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+def stream_key(seed, index):
+    """The key of prompt `index`'s random stream under `seed` (int64 tensors)."""
+    return _mix(_mix(seed & 0xFFFFFFFF) ^ (index & 0xFFFFFFFF))
+
+
+def uniform(key, step):
+    """One number in (0, 1) per row from stream keys [B] and token indices [B]: the same numbers on
+    every device and in every batch."""
+    return ((_mix(key ^ (step & 0xFFFFFFFF)) >> 8).float() + 0.5) * 2.0 ** -24
+
+
+def sample(logits, temperature, top_p, u, greedy=False):
+    """logits [B, V], uniforms u [B] -> (tokens [B], logprobs [B]): the token whose CDF interval
+    holds u. greedy: the argmax, and the log-prob of the untempered distribution. temperature may
+    be a tensor (a CUDA graph reads its current value)."""
+    logits = logits.float()
+    if greedy:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    logp = torch.log_softmax(logits / temperature, -1)
+    if top_p < 1.0:   # keep the smallest set of tokens whose mass reaches top_p, renormalised
+        sorted_logp, order = logp.sort(-1, descending=True)
+        cum = sorted_logp.exp().cumsum(-1)
+        drop_sorted = cum - sorted_logp.exp() >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), -1)
+    cdf = logp.exp().cumsum(-1)
+    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp(max=logits.shape[-1] - 1)
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
 def sampler_for(model, prompts, max_new_tokens, max_batch):
@@ -238,24 +453,3 @@ def generate_shared(sampler, prompts, max_new_tokens, seed, group=1, **kw):
     mine = [p for p in parallel.shard(prompts) for _ in range(group)]
     outs = sampler.generate(mine, max_new_tokens, seed=seed + 7919 * parallel.rank(), **kw) if mine else []
     return parallel.gather(outs)
-
-
-def sample(logits, temperature, top_p, gen):
-    """logits [B, V] -> (tokens [B], logprobs [B]). temperature 0 is greedy, and then the
-    log-prob is that of the untempered model distribution."""
-    logits = logits.float()
-    if temperature == 0:
-        logp = torch.log_softmax(logits, -1)
-        tok = logits.argmax(-1)
-        return tok, logp.gather(-1, tok[:, None])[:, 0]
-    logp = torch.log_softmax(logits / temperature, -1)
-    if top_p < 1.0:   # keep the smallest set of tokens whose mass reaches top_p, renormalised
-        sorted_logp, order = logp.sort(-1, descending=True)
-        cum = sorted_logp.exp().cumsum(-1)
-        drop_sorted = cum - sorted_logp.exp() >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), -1)
-    # Exponential race: argmax p / E with E ~ Exp(1) draws from p, without a host sync.
-    e = torch.empty_like(logp).exponential_(generator=gen)
-    tok = (logp - e.log()).argmax(-1)
-    return tok, logp.gather(-1, tok[:, None])[:, 0]

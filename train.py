@@ -32,6 +32,7 @@ import parallel
 import rae
 import rl
 import rlt
+import rollout
 from eval import evaluate, write_results
 from model import ModelConfig, Transformer, ValueModel, load_config, num_params
 from rollout import sampler_for
@@ -116,6 +117,7 @@ class Config:
     rl_group: int = 1             # PPO round 1: samples per prompt (Satori: 1)
     rl_max_new_tokens: int = 128
     sampler_dtype: str = "auto"   # weights the RL sampler decodes with: auto = a bf16 copy on GPU, the policy on CPU
+    cuda_graphs: bool = True      # samplers replay their decode step as CUDA graphs on CUDA (false: eager, to debug)
     actor_lr: float = 2e-4        # Satori: 2e-7 for 7B; a tiny model wants far more
     critic_lr: float = 5e-4
     ent_coef: float = 0.0         # entropy bonus in the policy loss (0 = off)
@@ -611,6 +613,9 @@ def main(argv):
     if rank == 0:
         with open(os.path.join(cfg.out, "run_config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
+    rollout.CUDA_GRAPHS = cfg.cuda_graphs
+    if get_device(cfg).type == "cuda":        # fp32 matmuls (model and kernels) on TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     train, test, rl_questions = data.load_problems(cfg)
     state = {"log": log, "train": train, "test": test, "rl": rl_questions}
     log(f"nanosatori: stages {','.join(names)}, {len(train)} train" +

@@ -3,10 +3,19 @@ import pytest
 import torch
 
 from model import Transformer
-from rollout import Sampler, sample
+from rollout import Sampler, sample, stream_key, uniform
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 97
+
+
+@pytest.fixture(params=["dense", "paged"])
+def dense(request, monkeypatch):
+    """Every sampler test runs with both decode paths: contiguous per-slot K/V (CPU's default) and the
+    paged blocks (CUDA's, through the kernels' torch references here)."""
+    real = Sampler.__init__
+    monkeypatch.setattr(Sampler, "__init__", lambda self, *a, **k: real(self, *a, **{"dense": request.param == "dense", **k}))
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +38,7 @@ def ragged_prompts(n, seed=1, lo=1, hi=40):
     return [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in lens]
 
 
-def test_greedy_matches_transformers_on_ragged_batch(models):
+def test_greedy_matches_transformers_on_ragged_batch(models, dense):
     hf, ours = models
     prompts = ragged_prompts(6)
     outs = Sampler(ours, max_batch=8, block_size=8).generate(prompts, max_new_tokens=16, temperature=0)
@@ -42,7 +51,7 @@ def test_greedy_matches_transformers_on_ragged_batch(models):
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8), (0, 1.0)])
-def test_logprobs_equal_full_forward(models, temperature, top_p):
+def test_logprobs_equal_full_forward(models, temperature, top_p, dense):
     _, ours = models
     prompts = ragged_prompts(5, seed=2)
     prompts += [prompts[1]] * 3    # samples of one prompt share its cache blocks
@@ -62,7 +71,7 @@ def test_logprobs_equal_full_forward(models, temperature, top_p):
             assert o.tokens == logits.argmax(-1).tolist()
 
 
-def test_continuous_batching_with_few_blocks_matches_one_at_a_time(models):
+def test_continuous_batching_with_few_blocks_matches_one_at_a_time(models, dense):
     _, ours = models
     prompts = ragged_prompts(9, seed=4) + [list(range(33))] * 2
     alone = [Sampler(ours, max_batch=1, block_size=8).generate([p], 10, temperature=0)[0].tokens for p in prompts]
@@ -73,7 +82,7 @@ def test_continuous_batching_with_few_blocks_matches_one_at_a_time(models):
     assert sorted(small.free) == list(range(12)) and all(r == 0 for r in small.refs)   # all blocks returned
 
 
-def test_stop_ids_max_new_tokens_and_seeds(models):
+def test_stop_ids_max_new_tokens_and_seeds(models, dense):
     _, ours = models
     prompts = ragged_prompts(4, seed=5)
     s = Sampler(ours, max_batch=4, block_size=8)
@@ -111,8 +120,8 @@ def expected_probs(logits, temperature, top_p):
 def test_sampling_frequencies(temperature, top_p):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     n = 40_000
-    gen = torch.Generator().manual_seed(0)
-    tok, logp = sample(logits.expand(n, -1), temperature, top_p, gen)
+    u = uniform(stream_key(torch.tensor([0]), torch.arange(n)), torch.zeros(n, dtype=torch.long))
+    tok, logp = sample(logits.expand(n, -1), temperature, top_p, u)
     freq = torch.bincount(tok, minlength=6).float() / n
     want = expected_probs(logits, temperature, top_p)
     assert (freq - want).abs().max() < 0.01          # ~4 standard errors at n = 40k
