@@ -166,13 +166,16 @@ class Trunk(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self._rope = {}        # (device, dtype) -> rotary table (not a parameter or buffer: not saved)
+        self._rope, self._rope_kept = {}, []   # (device, dtype) -> rotary table (not a parameter: not saved)
 
     def rope(self, n, device, dtype):
         """The rotary table of at least n positions, built once per device and dtype (positions index
-        it, which is cheaper than computing cos and sin for every forward)."""
+        it, which is cheaper than computing cos and sin for every forward). A table that a larger
+        one replaces is kept: a captured CUDA graph may still read it."""
         cos, sin = self._rope.get((device, dtype), (None, None))
         if cos is None or cos.shape[0] < n:
+            if cos is not None:
+                self._rope_kept.append((cos, sin))
             cos, sin = self._rope[(device, dtype)] = rope_table(n, self.cfg.head_dim, self.cfg.rope_theta, device, dtype)
         return cos, sin
 
@@ -182,7 +185,10 @@ class Trunk(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(max(self.cfg.max_position_embeddings, input_ids.shape[1]), x.device, x.dtype)
+        # a row's positions are below its length, except with a cache, whose owner sized the table
+        need = self.cfg.max_position_embeddings if cache is not None else max(self.cfg.max_position_embeddings,
+                                                                              input_ids.shape[1])
+        cos, sin = self.rope(need, x.device, x.dtype)
         cos, sin = cos[positions], sin[positions]
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask, cache)

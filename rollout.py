@@ -1,4 +1,4 @@
-"""The KV-cache sampler: a paged cache, continuous batching in fixed slots, one batched prefill for
+"""The KV-cache sampler: a paged cache, continuous batching in fixed lanes, one batched prefill for
 every admitted prompt, a static decode step (one CUDA graph per batch bucket on CUDA), temperature
 and top-p.
 
@@ -13,16 +13,17 @@ preemption is ever needed. Full blocks of prompt tokens are shared between seque
 prefix (the prompt template, several samples of one question, restart states), keyed by the exact
 prefix.
 
-A running sequence sits in one of max_batch slots. What a decode step needs lives in device tensors
-indexed by slot (the token to feed, its position, the block table, tokens generated, budget, a
+A running sequence sits in one of max_batch lanes. What a decode step needs lives in device tensors
+indexed by lane (the token to feed, its position, the block table, tokens generated, budget, a
 running flag, the tokens and log-probs generated so far), and the step updates them in place: a stop
 token or the budget ends a sequence on the device, with no host round trip. Every `sync_every`
 steps the host collects the finished sequences, admits waiting ones (one prefill for all of them)
-and moves the running ones into the lowest slots, so that the step runs on the smallest bucket that
+and moves the running ones into the lowest lanes, so that the step runs on the smallest bucket that
 holds them (1, 2, 4, ... max_batch on CUDA, where each bucket's step is a CUDA graph).
 
-Sampling draws one uniform number per token from a hash of (seed, prompt index, token index) and
-inverts the distribution's CDF: a prompt gets the same samples alone or in any batch.
+Sampling draws one uniform number per token from a hash of (seed, the prompt's index in the call,
+token index) and inverts the distribution's CDF (in float64, so no tail token is out of reach): the
+samples of a prompt do not depend on the batch around it or on how the lanes were filled.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -60,40 +61,40 @@ class _Seq:
     budget: int           # max_new_tokens of this sequence
     blocks: list          # block table
     cached: int = 0       # prompt tokens whose K/V came from shared blocks
-    slot: int = -1
-    steps: int = 0        # tokens generated, as far as the host knows (an upper bound between syncs)
+    lane: int = -1
+    generated: int = 0    # tokens generated, as far as the host knows (an upper bound between looks)
 
 
 class PagedKVCache:
     """K/V for every layer, [L, num_blocks, block_size, n_kv, hd] each, and the metadata of the
     current step. The model calls `attend` once per layer with the step's packed tokens.
 
-    With slots > 0 (on CPU), decode reads each slot's K/V from a contiguous copy [L, slots, n_kv,
+    With lanes > 0 (on CPU), decode reads each lane's K/V from a contiguous copy [L, lanes, n_kv,
     max_len, hd] instead of the blocks: gathering the blocks every step copies every context once
     per layer, which is most of a CPU decode step. Prefill still writes the blocks (prefixes are
-    shared through them) and then copies each new sequence's prompt into its slot's rows."""
+    shared through them) and then copies each new sequence's prompt into its lane's rows."""
 
-    def __init__(self, cfg, num_blocks, block_size, device, dtype, slots=0, max_len=0):
+    def __init__(self, cfg, num_blocks, block_size, device, dtype, lanes=0, max_len=0):
         shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.scale, self.block_size = cfg.head_dim ** -0.5, block_size
-        dense = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        dense = (cfg.num_hidden_layers, lanes, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.dense = (torch.zeros(dense, device=device, dtype=dtype), torch.zeros(dense, device=device, dtype=dtype)) \
-            if slots else None
+            if lanes else None
 
     def set_decode(self, slot_mapping, block_tables, context_lens, positions):
-        # One new token per sequence (slot i runs slot i's): slot_mapping [B] (-1: not running),
+        # One new token per sequence (lane i runs lane i's): slot_mapping [B] (-1: not running),
         # context_lens [B] >= 1, positions [B] of the new tokens.
         self.prefill = None
         self.slot_mapping, self.block_tables, self.context_lens = slot_mapping, block_tables, context_lens
         self.positions = positions
 
-    def set_prefill(self, slot_mapping, block_tables, q_start, q_lens, context_lens, max_q_len, slots):
+    def set_prefill(self, slot_mapping, block_tables, q_start, q_lens, context_lens, max_q_len, lanes):
         # Packed runs of new tokens: sequence i's are rows q_start[i] .. + q_lens[i], the last of its
         # context_lens[i] tokens (an earlier part may sit in blocks another sequence computed);
-        # slots [n]: where the sequences run.
-        self.prefill = (q_start, q_lens, max_q_len, slots)
+        # lanes [n]: where the sequences run.
+        self.prefill = (q_start, q_lens, max_q_len, lanes)
         self.slot_mapping, self.block_tables, self.context_lens = slot_mapping, block_tables, context_lens
 
     def attend(self, layer, q, k, v):
@@ -104,21 +105,21 @@ class PagedKVCache:
         kernels.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
         if self.prefill is None:
             return kernels.decode_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.scale)
-        q_start, q_lens, max_q_len, slots = self.prefill
+        q_start, q_lens, max_q_len, lanes = self.prefill
         out = kernels.prefill_attention(q, k_cache, v_cache, self.block_tables, q_start, q_lens,
                                         self.context_lens, self.scale, max_q_len)
-        if self.dense is not None:       # the new sequences' prompts into their slots' rows
+        if self.dense is not None:       # the new sequences' prompts into their lanes' rows
             n, w = self.block_tables.shape
             for cache, dense in ((k_cache, self.dense[0][layer]), (v_cache, self.dense[1][layer])):
                 blocks = cache[self.block_tables.long()].reshape(n, w * self.block_size, *cache.shape[2:])
-                dense[slots, :, :w * self.block_size] = blocks.transpose(1, 2)
+                dense[lanes, :, :w * self.block_size] = blocks.transpose(1, 2)
         return out
 
     def _attend_dense(self, layer, q, k, v):
         b, T = q.shape[0], self.block_tables.shape[1] * self.block_size
-        dk, dv = self.dense[0][layer], self.dense[1][layer]                  # [slots, n_kv, max_len, hd]
+        dk, dv = self.dense[0][layer], self.dense[1][layer]                  # [lanes, n_kv, max_len, hd]
         rows = torch.arange(b, device=q.device)
-        dk[rows, :, self.positions], dv[rows, :, self.positions] = k, v      # a stopped slot's row is unused
+        dk[rows, :, self.positions], dv[rows, :, self.positions] = k, v      # a stopped lane's row is unused
         mask = (torch.arange(T, device=q.device) < self.context_lens[:, None])[:, None, None, :]
         # the query heads of a KV head play the part of query positions: no K/V repeated per head
         o = F.scaled_dot_product_attention(q.view(b, dk.shape[1], -1, q.shape[-1]), dk[:b, :, :T], dv[:b, :, :T],
@@ -130,26 +131,27 @@ class Sampler:
     def __init__(self, model, max_batch=64, block_size=16, max_seq_len=None, num_blocks=None, cuda_graphs=None,
                  sync_every=None, dense=None):
         """cuda_graphs: capture the decode step per bucket (default: on CUDA); sync_every: decode
-        steps between the host's looks at the slots (default: 8 on CUDA, 1 on CPU, where a look
-        costs nothing); dense: decode from contiguous per-slot K/V (default: on CPU; see PagedKVCache)."""
+        steps between the host's looks at the lanes (default: 8 on CUDA, 1 on CPU, where a look
+        costs nothing); dense: decode from contiguous per-lane K/V (default: on CPU; see PagedKVCache)."""
         self.model = model
         cfg = model.cfg
         self.max_batch, self.block_size = max_batch, block_size
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 2048)
-        self.width = -(-self.max_seq_len // block_size)                   # blocks per sequence
+        self.width = -(-self.max_seq_len // block_size)                   # blocks per sequence at most
         self.num_blocks = num_blocks or max_batch * self.width
         p = next(model.parameters())
         self.device = dev = p.device
         dense = dev.type == "cpu" if dense is None else dense
         self.cache = PagedKVCache(cfg, self.num_blocks, block_size, dev, p.dtype, max_batch if dense else 0,
                                   self.width * block_size if dense else 0)
-        # the rotary table at its full size now: a captured step keeps reading the tensor it saw
+        # the rotary table at its full size now (positions stay below max_seq_len): a captured step
+        # keeps reading the tensor it saw
         model.model.rope(max(cfg.max_position_embeddings, self.max_seq_len, max_batch), dev, p.dtype)
         self.cuda_graphs = dev.type == "cuda" and (CUDA_GRAPHS if cuda_graphs is None else cuda_graphs)
         self.sync_every = sync_every or (8 if dev.type == "cuda" else 1)
         S, L = max_batch, self.max_seq_len
         zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=dev)
-        # the slots' state, updated in place by every decode step
+        # the lanes' state, updated in place by every decode step
         self.tok, self.pos, self.n_gen, self.budget, self.key = (zeros(S) for _ in range(5))
         self.running = zeros(S, dtype=torch.bool)
         self.tables = zeros(S, self.width, dtype=torch.int32)
@@ -221,35 +223,35 @@ class Sampler:
         self._reset_blocks()
         mode = (temperature == 0, top_p)
         queue = deque(zip(range(len(prompts)), prompts, budgets))
-        slots, results = [None] * self.max_batch, [None] * len(prompts)
+        lanes, results = [None] * self.max_batch, [None] * len(prompts)
         while True:
-            self._collect(slots, results, set(stop))
-            if not queue and not any(slots):
+            self._collect(lanes, results, set(stop))
+            if not queue and not any(lanes):
                 return results
             admitted = []
-            while queue and None in slots:
+            while queue and None in lanes:
                 seq = self._admit(*queue[0])
                 if seq is None:
                     break
                 queue.popleft()
-                seq.slot = slots.index(None)
-                slots[seq.slot] = seq
+                seq.lane = lanes.index(None)
+                lanes[seq.lane] = seq
                 admitted.append(seq)
             if admitted:
                 self._prefill(admitted, *mode)
                 continue                       # collect the ones a stop token ended at once
-            if not any(slots):
+            if not any(lanes):
                 raise RuntimeError("KV cache too small for one sequence: raise num_blocks")
-            b = self._compact(slots)
-            steps = max(1, min(self.sync_every, min(s.budget - s.steps for s in slots if s)))
+            b = self._compact(lanes)
+            steps = max(1, min(self.sync_every, min(s.budget - s.generated for s in lanes if s)))
             # eagerly, attention reads only the blocks the running sequences can reach by the next look
-            width = None if self.cuda_graphs else -(-max(len(s.prompt) + s.steps + steps for s in slots if s)
+            reach = None if self.cuda_graphs else -(-max(len(s.prompt) + s.generated + steps for s in lanes if s)
                                                     // self.block_size)
             for _ in range(steps):
-                self._decode(b, *mode, width)
-            for s in slots:
+                self._decode(b, *mode, reach)
+            for s in lanes:
                 if s:
-                    s.steps += steps
+                    s.generated += steps
 
     def _check(self, prompts, max_new_tokens, stop_ids):
         budgets = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(prompts)
@@ -269,7 +271,7 @@ class Sampler:
 
     def _prefill(self, seqs, greedy, top_p):
         """One forward over every admitted sequence's uncached prompt tokens; samples each one's
-        first token and puts the sequences in their slots."""
+        first token and puts the sequences in their lanes."""
         bs, dev = self.block_size, self.device
         new = [s.prompt[s.cached:] for s in seqs]
         lens = [len(n) for n in new]
@@ -283,7 +285,7 @@ class Sampler:
         q_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
         q_start = q_lens.cumsum(0, dtype=torch.int32) - q_lens
         ctx = torch.tensor([len(s.prompt) for s in seqs], dtype=torch.int32, device=dev)
-        sl = torch.tensor([s.slot for s in seqs], device=dev)
+        sl = torch.tensor([s.lane for s in seqs], device=dev)
         self.cache.set_prefill(slot_map, tables[:, :prompt_blocks], q_start, q_lens, ctx, max(lens), sl)
         h = self.model.hidden(ids[None], pos[None], cache=self.cache)[0]         # [N, H]
         logits = h[q_start + q_lens - 1] @ self.model.lm_head.weight.T               # [B, V]
@@ -295,21 +297,21 @@ class Sampler:
         self.out_tok[sl, 0], self.out_lp[sl, 0] = tok, lp
         self.running[sl] = ~((tok[:, None] == self.stop_t).any(-1) | (budget <= 1))
         for s in seqs:
-            s.steps = 1
+            s.generated = 1
 
-    def _step(self, b, greedy, top_p, width=None):
-        """The static decode step of slots [0, b): feed each running slot's token, sample the next,
+    def _step(self, b, greedy, top_p, reach=None):
+        """The static decode step of lanes [0, b): feed each running lane's token, sample the next,
         record it, end sequences at a stop token or their budget. Shapes depend on b alone and
-        nothing reads the host, so a CUDA graph can capture it. width: block-table columns to read
+        nothing reads the host, so a CUDA graph can capture it. reach: block-table columns to read
         (eager only; None: all)."""
         bs, L = self.block_size, self.max_seq_len
         tok, pos, run, n = self.tok[:b], self.pos[:b], self.running[:b], self.n_gen[:b]
-        tables = self.tables[:b, :width]
+        tables = self.tables[:b, :reach]
         blk = tables.gather(1, (pos // bs)[:, None])[:, 0].long()
         self.cache.set_decode(torch.where(run, blk * bs + pos % bs, -1), tables, torch.where(run, pos + 1, 1).int(), pos)
         h = self.model.hidden(tok[None], pos[None], cache=self.cache)[0]            # [b, H]
         new, lp = sample(h @ self.model.lm_head.weight.T, self.temp_t, top_p, uniform(self.key[:b], n), greedy)
-        # out[slot, n] for every slot: a stopped slot writes past its last token, where nothing reads
+        # out[lane, n] for every lane: a stopped lane writes past its last token, where nothing reads
         at = torch.arange(b, device=self.device) * L + n.clamp(max=L - 1)
         self.out_tok.view(-1)[at], self.out_lp.view(-1)[at] = new, lp
         done = run & ((new[:, None] == self.stop_t).any(-1) | (n + 1 >= self.budget[:b]))
@@ -318,9 +320,9 @@ class Sampler:
         tok.copy_(new)
         run &= ~done
 
-    def _decode(self, b, greedy, top_p, width=None):
+    def _decode(self, b, greedy, top_p, reach=None):
         if not self.cuda_graphs or top_p < 1.0:
-            return self._step(b, greedy, top_p, width)
+            return self._step(b, greedy, top_p, reach)
         graph = self.graphs.get((b, greedy))
         if graph is None:
             graph = self.graphs[(b, greedy)] = self._capture(b, greedy)
@@ -336,9 +338,9 @@ class Sampler:
                     self.graphs[(b, greedy)] = self._capture(b, greedy)
 
     def _capture(self, b, greedy):
-        """The step of bucket b as a CUDA graph. Warm-up and capture run with every slot stopped,
-        so that they write no K/V and advance nothing; the tokens to feed, which a step overwrites
-        in every slot, are put back."""
+        """The step of bucket b as a CUDA graph. Warm-up and capture run with every lane stopped, so
+        that they write no K/V into the blocks and advance nothing; the tokens to feed, which a step
+        overwrites in every lane, are put back."""
         running, tok = self.running.clone(), self.tok.clone()
         self.running.zero_()
         stream = torch.cuda.Stream()
@@ -355,10 +357,10 @@ class Sampler:
         self.tok.copy_(tok)
         return graph
 
-    def _collect(self, slots, results, stop):
-        """The host's look at the slots (one sync): finished sequences become Completions and give
+    def _collect(self, lanes, results, stop):
+        """The host's look at the lanes (one sync): finished sequences become Completions and give
         their blocks back."""
-        occupied = [i for i, s in enumerate(slots) if s]
+        occupied = [i for i, s in enumerate(lanes) if s]
         if not occupied:
             return
         running = self.running.tolist()
@@ -369,19 +371,19 @@ class Sampler:
         n = self.n_gen[idx].tolist()
         toks, lps = self.out_tok[idx, :max(n)].tolist(), self.out_lp[idx, :max(n)].tolist()
         for i, k, t, lp in zip(done, n, toks, lps):
-            seq = slots[i]
+            seq = lanes[i]
             reason = "stop" if t[k - 1] in stop else "length"
             results[seq.index] = Completion(t[:k], lp[:k], reason)
             self._release(seq.blocks)
-            slots[i] = None
+            lanes[i] = None
 
-    def _compact(self, slots):
-        """Move the topmost running sequences into the free slots below them when a smaller bucket
-        then holds them all (only the moved slots' state is copied) -> the bucket of the next steps."""
-        used = [i for i, s in enumerate(slots) if s]
+    def _compact(self, lanes):
+        """Move the topmost running sequences into the free lanes below them when a smaller bucket
+        then holds them all (only the moved lanes' state is copied) -> the bucket of the next steps."""
+        used = [i for i, s in enumerate(lanes) if s]
         n, top = len(used), used[-1] + 1
         if self._bucket(n) < self._bucket(top):
-            holes = [j for j in range(n) if slots[j] is None]
+            holes = [j for j in range(n) if lanes[j] is None]
             movers = [i for i in used if i >= n]
             dst, src = (torch.tensor(x, device=self.device) for x in (holes, movers))
             for t in (self.tok, self.pos, self.n_gen, self.budget, self.key, self.running, self.tables,
@@ -391,13 +393,13 @@ class Sampler:
             for d in self.cache.dense or ():
                 d[:, dst] = d[:, src]
             for j, i in zip(holes, movers):
-                slots[j], slots[i] = slots[i], None
-                slots[j].slot = j
+                lanes[j], lanes[i] = lanes[i], None
+                lanes[j].lane = j
             top = n
         return self._bucket(top)
 
     def _bucket(self, n):
-        """The batch a step runs on for slots [0, n): n itself eagerly (every step costs in
+        """The batch a step runs on for lanes [0, n): n itself eagerly (every step costs in
         proportion to its batch); with CUDA graphs a power of two (or max_batch), so that few are
         captured and the running sequences move seldom."""
         return min(1 << (n - 1).bit_length(), self.max_batch) if self.cuda_graphs else n
@@ -416,9 +418,11 @@ def stream_key(seed, index):
 
 
 def uniform(key, step):
-    """One number in (0, 1) per row from stream keys [B] and token indices [B]: the same numbers on
-    every device and in every batch."""
-    return ((_mix(key ^ (step & 0xFFFFFFFF)) >> 8).float() + 0.5) * 2.0 ** -24
+    """One float64 in (0, 1) per row from stream keys [B] and token indices [B] (52 random bits from
+    two hash words): the same numbers on every device and in every batch."""
+    h = _mix(key ^ _mix(step & 0xFFFFFFFF))
+    lo = _mix(h ^ 0x9E3779B9)
+    return (((h >> 6) * 2 ** 26 + (lo >> 6)).double() + 0.5) * 2.0 ** -52
 
 
 def sample(logits, temperature, top_p, u, greedy=False):
@@ -436,7 +440,7 @@ def sample(logits, temperature, top_p, u, greedy=False):
         drop_sorted = cum - sorted_logp.exp() >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), -1)
-    cdf = logp.exp().cumsum(-1)
+    cdf = logp.double().exp().cumsum(-1)       # float64: a tail token's step of the CDF never rounds away
     tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp(max=logits.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 

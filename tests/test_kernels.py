@@ -194,14 +194,23 @@ def test_a_kernel_that_fails_falls_back_once(monkeypatch):
     monkeypatch.setattr(kernels, "_ran", set())
     calls = []
 
+    class CompileError(Exception):
+        pass
+    monkeypatch.setattr(kernels, "_COMPILE_ERRORS", (CompileError,))
+
     def broken():
         calls.append(1)
-        raise RuntimeError("PTX assembly failed")
+        raise CompileError("PTX assembly failed")
+
+    def buggy():
+        raise TypeError("a wrong launch argument")
     with pytest.warns(UserWarning, match="the Triton toy kernel failed"):
         assert kernels._launch("toy", broken, lambda: "ref") == "ref"
     assert "toy" in kernels._failed and not kernels._use_triton(torch.zeros(1), "toy")
+    with pytest.raises(TypeError):                 # not a compile failure: a bug, never hidden
+        kernels._launch("buggy", buggy, lambda: "ref")
     monkeypatch.setattr(kernels, "KERNELS", "triton")
-    with pytest.raises(RuntimeError, match="PTX"):
+    with pytest.raises(CompileError, match="PTX"):
         kernels._launch("other", broken, lambda: "ref")
 
 
@@ -263,7 +272,7 @@ def test_import_without_triton():
 
 @pytest.mark.skipif(not kernels.HAS_TRITON or RUN_KERNELS, reason="kernel tests run in this process")
 def test_kernels_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", NANOSATORI_KERNELS="triton")   # a kernel that fails is a failure
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         os.path.abspath(__file__), "-k", "test_kernel_"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

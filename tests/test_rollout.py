@@ -138,3 +138,16 @@ def test_sampler_frequencies_end_to_end(models):
     freq = torch.bincount(torch.tensor([o.tokens[0] for o in outs]), minlength=VOCAB).float() / 4000
     want = torch.softmax(logits / 1.5, -1)
     assert 0.5 * (freq - want).abs().sum() < 0.08     # total variation over 97 tokens
+
+
+def test_a_large_prefill_keeps_the_rotary_table(models, dense):
+    """Prompts packed into one prefill can outnumber the model's positions: the table a captured
+    decode step reads must stay the same tensor."""
+    _, ours = models
+    s = Sampler(ours, max_batch=8, block_size=8, max_seq_len=100)
+    key = (torch.device("cpu"), torch.float32)
+    table = ours.model._rope[key][0]
+    prompts = ragged_prompts(8, seed=9, lo=60, hi=80)          # ~560 tokens against 256 positions
+    assert sum(map(len, prompts)) > ours.cfg.max_position_embeddings
+    s.generate(prompts, 4, temperature=0)
+    assert ours.model._rope[key][0] is table
