@@ -5,7 +5,7 @@ directories, and the progress of a run. Tensors go to safetensors, the rest to J
     checkpoint.save("out/ckpt", "step-00000100", {"policy": model}, {"policy": opt}, {"step": 100})
     meta = checkpoint.resume("out/ckpt", {"policy": model}, {"policy": opt}, "rl", steps=160)
     checkpoint.write_dir("out/rl_round1", lambda tmp: model.save_pretrained(tmp))   # all or nothing
-    done = checkpoint.begin_run("out", signature, resume=True)       # the stages finished earlier
+    progress = checkpoint.begin_run("out", stages, signature, resume=True)   # ["done"]: finished earlier
 
 A checkpoint root/name holds <key>.safetensors (a model's state_dict, tied tensors stored once),
 optim-<key>.safetensors (an optimizer's tensors), rng-rank<r>.safetensors (rank r's RNG states: torch
@@ -19,9 +19,10 @@ import os
 import random
 import shutil
 import time
+import uuid
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 import parallel
@@ -191,18 +192,36 @@ def load(path, models, optimizers, generators=None):
 
 
 def resume(root, models, optimizers, stage, steps, log=print):
-    """Restore the newest checkpoint under root, if any, into models and optimizers (and this rank's
-    RNG) -> its meta, or None when there is none. A training loop saves meta with "stage", "step"
-    and "steps"; a checkpoint of another stage or run length is refused (other data or options)."""
-    path = latest(root) if root else None
-    if path is None:
-        return None
-    meta = load(path, models, optimizers)
-    if (meta.get("stage"), meta.get("steps")) != (stage, steps):
-        raise ValueError(f"{path}: checkpoint of stage {meta.get('stage')!r} with {meta.get('steps')} steps, but this run "
-                         f"is {stage!r} with {steps} steps (other data or config?): use another checkpoint directory")
-    log(f"{stage}: resumed from {path} at step {meta['step']}/{steps}")
-    return meta
+    """Restore the newest checkpoint under root that loads, if any, into models and optimizers (and
+    this rank's RNG) -> its meta, or None when there is none. One that fails to load on any rank (a
+    truncated file, say) is named in one line and the next older one is tried; SystemExit when none
+    loads. A training loop saves meta with "stage", "step" and "steps"; a checkpoint of another stage,
+    run length or number of processes is refused (other data or options)."""
+    found = [path for _, path in reversed(_complete(root))] if root else []
+    for path in found:
+        with open(os.path.join(path, META)) as f:
+            rec = json.load(f)
+        meta = rec.get("meta", {})
+        if (meta.get("stage"), meta.get("steps")) != (stage, steps):
+            raise SystemExit(f"{path}: checkpoint of stage {meta.get('stage')!r} with {meta.get('steps')} steps, but this "
+                             f"run is {stage!r} with {steps} steps (other data or config?): use another --out")
+        if rec.get("world_size") != parallel.world():
+            raise SystemExit(f"{path}: written by {rec.get('world_size')} processes, this run has {parallel.world()}; "
+                             "resume with the same number of processes")
+        try:
+            load(path, models, optimizers)
+            error = None
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+            error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if parallel.all_sum(int(error is not None)) == 0:      # every rank loaded it
+            log(f"{stage}: resumed from {path} at step {meta['step']}/{steps}")
+            return meta
+        log(f"{stage}: cannot resume from {path} ({error or 'another process could not load it'}); "
+            "trying the one before")
+    if found:
+        raise SystemExit(f"{stage}: none of the {len(found)} checkpoints under {root} loads; "
+                         "move them aside to start the stage over")
+    return None
 
 
 def check_writable(dir, min_free_bytes=0):
@@ -251,28 +270,49 @@ def restore_dir(path, complete):
         os.replace(path + ".old", path)
 
 # -----------------------------------------------------------------------------
-# the progress of a run: which stages are done, with which options
+# the progress of a run: which stages are done, with which options, and whether it finished
 
 PROGRESS = "progress.json"
 
 
-def _write_progress(out, done, signature):
+def read_progress(out):
+    """out/progress.json as a dict, or None when there is none."""
+    path = os.path.join(out, PROGRESS)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_progress(out, **rec):
     if parallel.is_main():
         path = os.path.join(out, PROGRESS)
-        _write_json({"done": done, "config": signature}, path + ".tmp")
+        _write_json(rec, path + ".tmp")
         os.replace(path + ".tmp", path)
 
 
-def begin_run(out, signature, resume, renamed=None):
-    """The stages an earlier run in `out` finished, when resuming (refused if it ran with other
-    options: signature is the dict of options a resumed run must share, renamed {old: new} the
-    options whose names changed since); none for a fresh run, whose stale in-stage checkpoints
-    (out/ckpt) are removed."""
-    path, done = os.path.join(out, PROGRESS), []
+def unfinished(out):
+    """A one-line description of the run in `out` that has not finished (it crashed, or was
+    stopped), or None: progress.json not marked finished, or checkpoints left in out/ckpt (a
+    stage that stopped part way, whatever ran after it)."""
+    prev, ckpt = read_progress(out), os.path.join(out, "ckpt")
+    if prev is not None and prev.get("finished") is False:
+        return (f"stages {','.join(prev.get('stages', []))}, done: {','.join(prev['done']) or 'none'}, "
+                f"stopped in: {prev.get('current') or 'none'}")
+    left = sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else []
+    return f"checkpoints of stage {', '.join(left)} in {ckpt}" if left else None
+
+
+def begin_run(out, stages, signature, resume, overwrite=False, renamed=None):
+    """Start a run of `stages` in `out` -> its progress dict, whose "done" lists the stages an earlier
+    run finished when resuming (refused if it ran with other options: signature is the dict of
+    options a resumed run must share, renamed {old: new} the options whose names changed since). A
+    fresh run into a directory whose run is unfinished is refused, as it would lose that run's
+    checkpoints, unless overwrite: then they are deleted."""
+    done, prev, left = [], read_progress(out), unfinished(out)
+    parallel.barrier()                      # every rank has read out before rank 0 writes to it
     if resume:
-        if os.path.isfile(path):
-            with open(path) as f:
-                prev = json.load(f)
+        if prev is not None:
             prev["config"] = {(renamed or {}).get(k, k): v for k, v in prev["config"].items()}
             # an option the earlier run did not have yet ran at what is now its default: not compared
             diff = sorted(k for k, v in signature.items()
@@ -281,24 +321,77 @@ def begin_run(out, signature, resume, renamed=None):
                 raise SystemExit(f"--resume: {out} was run with other options: " +
                                  ", ".join(f"--{k}={prev['config'].get(k)} (now {signature[k]})" for k in diff))
             done = prev["done"]
-    elif parallel.is_main():
-        shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
-        _write_progress(out, [], signature)
+    else:
+        if left and not overwrite:
+            raise SystemExit(f"{out} holds an unfinished run ({left}): --resume=true goes on with it, "
+                             "--overwrite=true starts over and deletes its checkpoints")
+        if overwrite and parallel.is_main():
+            shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)
+    progress = dict(done=done, stages=stages, current=None, finished=False, config=signature)
+    _write_progress(out, **progress)
     parallel.barrier()
-    return done
+    return progress
 
 
-def stage_done(out, done, signature):
-    """Record the stages in `done` as finished; the last one's in-stage checkpoints go, as its
-    output directory now holds what they did."""
-    _write_progress(out, done, signature)
+def stage_start(out, progress, name):
+    """Record that stage `name` runs now (progress: the dict begin_run wrote)."""
+    progress.update(current=name)
+    _write_progress(out, **progress)
+
+
+def stage_done(out, progress, name):
+    """Record stage `name` as finished; its in-stage checkpoints go, as its output directory now
+    holds what they did."""
+    progress.update(done=progress["done"] + [name], current=None)
+    _write_progress(out, **progress)
     if parallel.is_main():
-        shutil.rmtree(os.path.join(out, "ckpt", done[-1]), ignore_errors=True)
+        shutil.rmtree(os.path.join(out, "ckpt", name), ignore_errors=True)
     parallel.barrier()
 
 
-def end_run(out):
-    """Every stage finished: an empty out/ckpt is removed (nothing left to resume)."""
+def end_run(out, progress):
+    """Every stage finished: recorded, and an empty out/ckpt is removed (nothing left to resume)."""
+    progress.update(finished=True)
+    _write_progress(out, **progress)
     ckpt = os.path.join(out, "ckpt")
     if parallel.is_main() and os.path.isdir(ckpt) and not os.listdir(ckpt):
         os.rmdir(ckpt)
+
+# -----------------------------------------------------------------------------
+# the provenance of stage outputs: what each was made from, so that a chain with a remade link is
+# seen to be stale
+
+PROVENANCE = "provenance.json"
+
+
+def output_id(path):
+    """The id of a stage output directory: the one its provenance.json holds, else its absolute path
+    (a user's model, or an output written before provenance was recorded)."""
+    try:
+        with open(os.path.join(path, PROVENANCE)) as f:
+            return json.load(f)["id"]
+    except (OSError, ValueError, KeyError):
+        return os.path.abspath(path)
+
+
+def write_provenance(path, stage, made_from):
+    """path/provenance.json: a new id for this output, the stage that made it and the ids of the
+    outputs it was made from ({name: id})."""
+    _write_json({"id": uuid.uuid4().hex, "stage": stage, "made_from": made_from}, os.path.join(path, PROVENANCE))
+
+
+def stale(dirs):
+    """{name: [inputs remade since]} of the outputs in dirs ({name: path}, each input before the
+    outputs made from it) that were made from an input whose id has changed, or from a stale one.
+    An input not in dirs, or an output without provenance, is not judged."""
+    ids, out = {n: output_id(p) for n, p in dirs.items()}, {}
+    for name, path in dirs.items():
+        try:
+            with open(os.path.join(path, PROVENANCE)) as f:
+                made_from = json.load(f).get("made_from", {})
+        except (OSError, ValueError):
+            continue
+        why = [i for i, was in made_from.items() if (i in ids and ids[i] != was) or i in out]
+        if why:
+            out[name] = why
+    return out

@@ -25,34 +25,49 @@ from reward import extract_answer
 # -----------------------------------------------------------------------------
 # JSONL datasets
 
+MAX_REPORTED = 10    # bad lines listed by one error; the rest are counted
+
+
 def load_jsonl(path):
     """Records with "question" and "answer" (both str). Accepted line formats:
       {"question", "answer"}                    plain; a numeric answer is converted with str()
       {"question", "answer": "...#### 42"}      GSM8K: answer = text after the last "####",
                                                 the full text is kept as "solution"
       {"problem" or "question", "solution"}     MATH: answer = last \\boxed{} of the solution
-    Other keys are kept as they are. Blank lines are skipped; any other bad line (invalid JSON or
-    UTF-8, not an object, missing or empty question / answer) raises ValueError("path:line: ...").
-    An empty file gives []."""
-    out = []
+    Other keys are kept as they are. Blank lines are skipped; bad lines (invalid JSON or UTF-8, not an
+    object, missing or empty question / answer) raise one ValueError with a "path:line: ..." line
+    for each of the first MAX_REPORTED and a count of the rest. An empty file gives []."""
+    out, bad = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}:"
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where} not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
+                rec = _parse_line(raw, lineno, f"{path}:{lineno}:")
+            except ValueError as e:
+                bad.append(str(e))
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where} invalid JSON ({e.msg} at column {e.colno}); expected one "
-                                 'object per line like {"question": ..., "answer": ...}') from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where} expected a JSON object, got {type(obj).__name__}")
-            out.append(_record(obj, where))
+            if rec is not None:
+                out.append(rec)
+    if bad:
+        more = [f"{path}: {len(bad) - MAX_REPORTED} more bad lines"] if len(bad) > MAX_REPORTED else []
+        raise ValueError("\n".join(bad[:MAX_REPORTED] + more))
     return out
+
+def _parse_line(raw, lineno, where):
+    """The record of one line, None for a blank one; ValueError("path:line: ...") for a bad one."""
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} invalid JSON ({e.msg} at column {e.colno}); expected one "
+                         'object per line like {"question": ..., "answer": ...}') from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} expected a JSON object, got {type(obj).__name__}")
+    return _record(obj, where)
 
 def _record(obj, where):
     rec = dict(obj)
@@ -286,18 +301,40 @@ def task_config(cfg):
     """The TaskConfig of a run's --task_* options."""
     return TaskConfig(**{f.name[5:]: getattr(cfg, f.name) for f in fields(cfg) if f.name.startswith("task_")})
 
-def load_problems(cfg):
+def load_problems(cfg, need_solutions=False):
     """(train, test, rl) lists of {"question", "answer", ...}: the user's JSONL (--data, --test_data;
     rl is train), or the built-in task, whose RL questions are n_rl problems beyond the n_train
-    (0: rl is train)."""
+    (0: rl is train). A user's data that cannot serve the run (bad lines, too few problems, no
+    solutions where need_solutions) is refused with SystemExit before any work."""
     if cfg.data:
-        train = load_jsonl(cfg.data)
+        train = _user_problems(cfg.data, "data")
+        if not cfg.test_data and cfg.n_test >= len(train):
+            raise SystemExit(f"--data={cfg.data}: {len(train)} problems, and --n_test={cfg.n_test} of them are held "
+                             "out for testing: give a smaller --n_test or a --test_data file")
+        if need_solutions and any(not isinstance(p.get("solution"), str) for p in train):
+            n = sum(not isinstance(p.get("solution"), str) for p in train)
+            raise SystemExit(f"--data={cfg.data}: {n} of its {len(train)} problems have no 'solution'; pretraining a "
+                             "base model needs worked solutions: add them, or give --model=<a Qwen2 directory>")
         if cfg.test_data:
-            return train, load_jsonl(cfg.test_data), train
+            return train, _user_problems(cfg.test_data, "test_data"), train
         random.Random(cfg.seed).shuffle(train)
         train, test = train[:-cfg.n_test], train[-cfg.n_test:]
         return train, test, train
     # builtin_split fills train in stream order, so the first n_train are the same with or without n_rl
-    problems, test = builtin_split(task_config(cfg), cfg.n_train + cfg.n_rl, cfg.n_test, cfg.seed)
+    try:
+        problems, test = builtin_split(task_config(cfg), cfg.n_train + cfg.n_rl, cfg.n_test, cfg.seed)
+    except ValueError as e:                  # the --task_* options admit too few problems
+        raise SystemExit(f"the built-in task: {e}") from None
     train, rl_questions = problems[:cfg.n_train], problems[cfg.n_train:]
     return train, test, rl_questions or train
+
+def _user_problems(path, option):
+    try:
+        problems = load_jsonl(path)
+    except OSError as e:
+        raise SystemExit(f"--{option}={path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if not problems:
+        raise SystemExit(f"--{option}={path}: no problems in it")
+    return problems

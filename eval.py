@@ -94,13 +94,14 @@ def evaluate(model, tok, problems, sampler=None, max_new_tokens=160, batch_size=
 
 
 def write_results(out, rows):
-    """out/results.json ({"stages": rows}, each row {"name", **metrics}) and out/results.md (the
-    TABLE columns) -> the markdown table."""
+    """out/results.json ({"stages": rows}, each row {"name", **metrics, "stale": [inputs remade
+    since it was made]}) and out/results.md (the TABLE columns, stale rows marked) -> the table."""
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"stages": rows}, f, indent=2)
     fmt = lambda k, v: f"{v:.3f}" if k.endswith(("rate", "ok", "1", "right", "wrong")) else f"{v:.1f}"
     lines = ["| stage | " + " | ".join(TABLE) + " |", "|" + "---|" * (len(TABLE) + 1)]
-    lines += ["| " + r["name"] + " | " + " | ".join(fmt(k, r[k]) for k in TABLE) + " |" for r in rows]
+    name = lambda r: r["name"] + (f" (stale: {', '.join(r['stale'])} remade since)" if r.get("stale") else "")
+    lines += ["| " + name(r) + " | " + " | ".join(fmt(k, r[k]) for k in TABLE) + " |" for r in rows]
     table = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")

@@ -1,4 +1,4 @@
-"""nanosatori's command line: the Config, its checks, and the stages of Satori's pipeline.
+"""nanosatori's pipeline: the stages of Satori's recipe, their table, and the run that chains them.
 
     python train.py                                   # the whole chain on the built-in task, into out/
     python train.py --stages=pretrain,eval --base=    # pretrain a new base model, then its accuracy
@@ -6,13 +6,19 @@
     python train.py --stages=eval --out=runs/a        # evaluate every stage model found in runs/a
     python train.py --model=path/to/Qwen2.5-0.5B --data=train.jsonl --test_data=test.jsonl
     torchrun --nproc_per_node=8 train.py              # the same on 8 GPUs (gloo on CPU)
-    python train.py --resume=true                     # after a crash: on from the newest checkpoint
+    python train.py --resume                          # after a crash: on from the newest checkpoint
+    python train.py --help                            # every option, grouped by stage
 
-Options are the fields of Config, as --key=value (bools: --key=true/false, tuples: --key=0.9,0.95).
+Options are the fields of config.Config: --key value or --key=value, --flag / --no-flag for booleans,
+--config run.json (or .toml) for many at once. A bad option or input file is refused before any
+work with one line (exit code 2; --debug shows the traceback).
+
 Each stage (STAGES, at the bottom) reads folders of --out and writes one: a complete HF model
-directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json), so any stage
-runs alone on the output of an earlier run. Progress goes to stdout, metrics to out/metrics.jsonl,
-and the eval stage writes out/results.json and out/results.md.
+directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) with its
+provenance.json, so any stage runs alone on the output of an earlier run. Progress goes to stdout,
+metrics to out/metrics.jsonl, and the eval stage writes out/results.json and out/results.md. A run
+never deletes what it did not make: a fresh run into an unfinished one is refused (--resume goes
+on, --overwrite starts over), and --stages=eval only reads.
 """
 import dataclasses
 import faulthandler
@@ -21,247 +27,27 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+import traceback
+from dataclasses import asdict, fields
 
 import torch
 
 import checkpoint
 import coat
+import config
 import data
 import parallel
 import rae
 import rl
 import rlt
 import rollout
+from config import check_config, group_of, parse_args
 from eval import evaluate, write_results
-from model import ModelConfig, Transformer, ValueModel, load_config, num_params
+from model import ModelConfig, Transformer, ValueModel, num_params
 from rollout import sampler_for
 from sft import SFTConfig, orm_pairs, orm_train, sft_train
 from tokenizer import Tokenizer, build_task_tokenizer
 
-
-@dataclass
-class Config:
-    stages: str = ""              # comma-separated stage names; "" = the default chain (DEFAULT_STAGES)
-    out: str = "out"              # everything of a run goes here
-    seed: int = 0
-    device: str = ""              # "" = cuda when available, else cpu
-    resume: bool = False          # skip the stages out/progress.json marks done, resume the current one
-    ckpt_every: int = 100         # SFT-like loops (pretrain, sft, orm, distill): steps between checkpoints
-    rl_ckpt_every: int = 5        # RL loops: steps between checkpoints
-    ckpt_keep: int = 2            # newest checkpoints kept per loop (a finished stage keeps its output only)
-    min_free_gb: float = 1.0      # refuse to start with less free disk under --out
-    # a user's model and data instead of the built-in ones
-    model: str = ""               # HF Qwen2 directory used as the base model (skips pretraining)
-    data: str = ""                # JSONL of training questions ({"question","answer"} per line)
-    test_data: str = ""           # JSONL of held-out questions; "" = the last n_test of `data`
-    # the built-in task (data.TaskConfig): a chain of arithmetic operations
-    task_n_steps: int = 3
-    task_min_steps: int = 2       # > 0: the number of operations is uniform in [min_steps, n_steps]
-    task_ops: str = "+-*"
-    task_start_max: int = 99
-    task_max_operand: int = 20
-    task_mul_max: int = 5
-    task_max_value: int = 99
-    n_train: int = 20000          # problems with solutions: pretraining, COAT synthesis, format tuning
-    n_test: int = 1000            # held-out problems (a standard error of ~1.4 points on pass@1 ~0.75)
-    n_rl: int = 30000             # further questions, answers only, for ORM/RAE, RL, distillation; 0: the n_train
-    # the built-in base model (a small Qwen2): the shipped one, or pretrained by stage pretrain
-    base: str = "assets/base"     # shipped base, used when made with this run's options; --base= pretrains one
-    vocab_size: int = 384         # BPE vocabulary of the task tokenizer (chat tokens included)
-    hidden_size: int = 128        # 0.54M parameters in all
-    intermediate_size: int = 512
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 1024
-    pretrain_lr: float = 3e-3     # pretraining: SFT on (prompt, CoT solution + eos)
-    pretrain_steps: int = 2000
-    pretrain_batch_tokens: int = 2048
-    pretrain_weight_decay: float = 0.1
-    # COAT demonstration synthesis (coat.SynthConfig)
-    synth_questions: int = 1000   # training questions to synthesise from (up to 5 demonstrations each)
-    synth_group: int = 4          # CoT samples per question from the base model
-    synth_temperature: float = 1.0
-    synth_max_new_tokens: int = 128
-    # format tuning on COAT demonstrations
-    sft_lr: float = 1e-3          # Satori: 2e-5 for a 7B model; a tiny model wants far more
-    sft_epochs: float = 10.0
-    sft_batch_tokens: int = 2048
-    sft_weight_decay: float = 0.0
-    # shared by every SFT-like stage
-    warmup_frac: float = 0.03
-    min_lr_ratio: float = 0.1
-    grad_accum: int = 1
-    clip: float = 1.0             # max gradient norm (every stage, RL included)
-    betas: tuple = (0.9, 0.95)    # AdamW's (every stage, RL included)
-    log_every: int = 25
-    # ORM + Restart-and-Explore: the format-tuned model samples rae_group answers to each of the first
-    # rae_questions RL questions; the same samples train the ORM and make the RAE restart states
-    rae: bool = True              # RL round 1 draws some prompts from the RAE buffer (false: plain questions only)
-    rae_mix: float = 0.1          # share of RL round 1 prompts drawn from the RAE buffer
-    rae_questions: int = 256
-    rae_group: int = 8            # samples per question (Satori: 8)
-    rae_temperature: float = 1.0
-    rae_max_back: int = 2         # drop up to this many steps before appending <|reflect|> (Satori: 2)
-    orm: bool = True              # train the ORM; the critic starts from it
-    orm_reward: bool = True       # add sigmoid(ORM score) to the reward
-    orm_lr: float = 3e-4
-    orm_epochs: float = 2.0
-    orm_batch_tokens: int = 4096
-    orm_margin: float = 2.0       # Bradley-Terry margin (Satori: 2)
-    # RL (PPO + GAE), round 1 from format_tuned, round 2 from distilled
-    rl_steps: int = 160
-    rl_batch: int = 64            # sampled responses per RL step
-    rl_temperature: float = 1.2   # Satori: 0.6; our policy is far more peaked (entropy ~0.01 per token)
-    rl_group: int = 1             # PPO round 1: samples per prompt (Satori: 1)
-    rl_max_new_tokens: int = 128
-    sampler_dtype: str = "auto"   # weights the RL sampler decodes with: auto = a bf16 copy on GPU, the policy on CPU
-    cuda_graphs: bool = True      # samplers replay their decode step as CUDA graphs on CUDA (false: eager, to debug)
-    tf32: bool = True             # on CUDA, fp32 matmuls (model and kernels) on TF32 tensor cores: ~8x faster, 10-bit mantissa
-    actor_lr: float = 2e-4        # Satori: 2e-7 for 7B; a tiny model wants far more
-    critic_lr: float = 5e-4
-    ent_coef: float = 0.0         # entropy bonus in the policy loss (0 = off)
-    gamma: float = 1.0
-    lam: float = 1.0              # GAE lambda (Satori: 0.95, which leans on our young critic and loses)
-    clip_eps: float = 0.2         # PPO's ratio clip
-    value_clip: float = 0.2       # PPO's value clip around the rollout-time value
-    kl_coef: float = 0.0          # per-token KL penalty to the starting policy (Satori: 0)
-    ppo_epochs: int = 1
-    minibatch_size: int = 32      # responses per optimizer step
-    micro_batch: int = 16         # responses per forward/backward (gradient accumulation)
-    no_eos_penalty: float = -1.0  # reward of a response that never stops
-    reward_clip: float = 10.0     # sequence rewards clipped to +-this (Satori: 10; 0 = off)
-    reflect_bonus: float = 0.5    # RAE reflection bonus (Satori: 0.5)
-    # the methods beside Satori's PPO (rl.algo_config)
-    algo: str = "ppo"             # ppo | grpo | drgrpo | dapo
-    grpo_group: int = 8           # GRPO family: samples per prompt (rl_batch // grpo_group prompts a step)
-    grpo_kl: float = 0.04         # GRPO / Dr. GRPO: beta of the k3 KL to the starting policy in the loss
-    dapo_clip_high: float = 0.28  # DAPO: upper clip eps (the lower one is clip_eps)
-    dapo_overlong_buffer: int = 32  # DAPO: soft length penalty over the last N tokens of rl_max_new_tokens
-    dapo_max_refills: int = 4     # DAPO: extra sampling rounds to replace all-right / all-wrong groups
-    rlsp_coef: float = 0.0        # RLSP: weight of the exploration reward (0 = off; any algo)
-    rlsp_schedule: str = "constant"   # constant | linear_decay
-    rlsp_max_steps: int = 8       # RLSP: distinct steps that earn the full exploration reward
-    expo: bool = False            # ExPO: add beta * log pi(self-explanation | question) where a group fails
-    expo_beta: float = 0.04       # ExPO: the paper's best
-    expo_threshold: float = 0.0   # ExPO: groups with accuracy <= this get a self-explanation
-    # RLT (--stages=rlt, rlt.py): teacher warm-up, GRPO on the RLT reward, two students
-    rlt_questions: int = 256      # teacher questions (format warm-up and RL)
-    rlt_full_prompt: bool = False  # RLT's own teacher instruction (real models); false: a short one
-    rlt_warm_lr: float = 2e-3
-    rlt_warm_epochs: float = 10.0
-    rlt_warm_batch_tokens: int = 4096
-    rlt_steps: int = 20
-    rlt_group: int = 8            # RLT: samples per prompt (64 for a 7B teacher)
-    rlt_temperature: float = 0.7
-    rlt_lr: float = 2e-4
-    rlt_kl: float = 0.0
-    rlt_lambda: float = 3.0
-    rlt_missing_tags_reward: float = -10.0  # RLT: -1, which our student's log-probs (~-5 a token) make a prize
-    rlt_alpha: float = 0.01
-    rlt_max_new_tokens: int = 96
-    rlt_distill_questions: int = 512
-    rlt_student_steps: int = 100
-    # iterative self-improvement: distil the round-1 policy's solved questions into the base, RL again
-    distill_questions: int = 2048
-    distill_group: int = 2        # samples per question
-    distill_keep: float = 1.0     # share of the solved questions kept, hardest first
-    distill_lr: float = 1e-3
-    distill_epochs: float = 3.0
-    distill_batch_tokens: int = 4096
-    rl2_steps: int = 20
-    rl2_temperature: float = 1.0
-    rl2_group: int = 4            # PPO round 2: samples per prompt (Satori: 8)
-    rl2_actor_lr: float = 1e-4
-    # evaluation: greedy pass@1 on the held-out set
-    eval_max_new_tokens: int = 160
-    gen_batch: int = 64           # sequences decoded at once by synthesis and the RLT teacher
-    eval_batch: int = 256         # sequences decoded at once by evaluation
-
-
-# options that were renamed: the old name gets a pointer instead of "unknown option"
-RENAMED = {"rl_samples": "rl_group", "rl2_samples": "rl2_group", "group_size": "grpo_group",
-           "rae_samples": "rae_group", "distill_samples": "distill_group", "synth_samples": "synth_group"}
-
-
-def _convert(text, typ, key):
-    try:
-        if typ is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is tuple:
-            return tuple(float(x) for x in text.split(","))
-        return typ(text)
-    except ValueError:
-        raise SystemExit(f"--{key}={text}: expected a {typ.__name__}") from None
-
-
-def parse_args(argv, cfg=None):
-    """Apply ["--key=value", ...] to a Config (converted to each field's type)."""
-    cfg = cfg or Config()
-    types = {f.name: type(f.default) for f in fields(cfg)}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: options are --key=value")
-        key, val = arg[2:].split("=", 1)
-        key = key.replace("-", "_")
-        if key in RENAMED:
-            raise SystemExit(f"--{key} is now --{RENAMED[key]}")
-        if key not in types:
-            raise SystemExit(f"unknown option --{key}; options: " + " ".join(sorted(types)))
-        setattr(cfg, key, _convert(val, types[key], key))
-    return cfg
-
-
-def check_config(cfg, names, world):
-    """Refuse, before any work, a config that cannot work, naming the option."""
-    bad = lambda msg: SystemExit(f"config: {msg}")
-    choices = {"algo": rl.ALGOS, "sampler_dtype": ("auto", "float32", "bfloat16"),
-               "rlsp_schedule": ("constant", "linear_decay")}
-    for k, allowed in choices.items():
-        if getattr(cfg, k) not in allowed:
-            raise bad(f"--{k}={getattr(cfg, k)}: expected one of {', '.join(allowed)}")
-    if cfg.n_rl < 0:
-        raise bad(f"--n_rl={cfg.n_rl}: expected a number of questions >= 0")
-    if not 0 <= cfg.rae_mix <= 1:
-        raise bad(f"--rae_mix={cfg.rae_mix}: expected a share in [0, 1]")
-    if not 0 < cfg.distill_keep <= 1:
-        raise bad(f"--distill_keep={cfg.distill_keep}: expected a share in (0, 1]")
-    for k in ("gen_batch", "eval_batch"):
-        if getattr(cfg, k) < 1:
-            raise bad(f"--{k}={getattr(cfg, k)}: expected a number of sequences >= 1")
-    for group, what in (group_of(cfg, n) for n in names if n in ("rl", "rl2", "rlt")):
-        if cfg.rl_batch % (group * world):
-            raise bad(f"--rl_batch={cfg.rl_batch} must be a multiple of {what} ({group}) x processes ({world}), "
-                      "so that every process samples whole groups")
-    if cfg.rl_batch % cfg.minibatch_size or cfg.minibatch_size % world:
-        raise bad(f"--minibatch_size={cfg.minibatch_size} must divide --rl_batch={cfg.rl_batch} and be a multiple "
-                  f"of the number of processes ({world})")
-    positions = cfg.max_position_embeddings
-    if cfg.model:
-        mcfg, tok = load_config(cfg.model), Tokenizer.from_pretrained(cfg.model)
-        if tok.vocab_size > mcfg.vocab_size:
-            raise bad(f"--model={cfg.model}: the tokenizer has {tok.vocab_size} tokens, the model's embedding "
-                      f"{mcfg.vocab_size} rows")
-        positions = mcfg.max_position_embeddings
-    # the longest sequence any stage makes: a COAT restart prompt (~ prompt + a response) + a response
-    need = max(cfg.eval_max_new_tokens, 2 * cfg.rl_max_new_tokens, 2 * cfg.synth_max_new_tokens + 64)
-    if need >= positions:
-        raise bad(f"generation budgets (eval_max_new_tokens, rl_max_new_tokens, synth_max_new_tokens) need "
-                  f"~{need} positions before the prompt; the model has max_position_embeddings={positions}")
-
-
-def group_of(cfg, stage):
-    """(samples per prompt, the option that sets it) of an RL stage."""
-    if stage == "rlt":
-        return cfg.rlt_group, "--rlt_group"
-    if cfg.algo != "ppo":
-        return cfg.grpo_group, "--grpo_group"
-    return (cfg.rl_group, "--rl_group") if stage == "rl" else (cfg.rl2_group, "--rl2_group")
 
 # -----------------------------------------------------------------------------
 # what every stage uses: its folders, the logger, the settings of its training loops
@@ -303,9 +89,19 @@ def load_stage(cfg, name):
     return Transformer.from_pretrained(path, device=get_device(cfg), dtype=torch.float32), Tokenizer.from_pretrained(path)
 
 
-def save_stage(cfg, name, model, tok, models=None, write=None):
+def save_output(cfg, state, name, write):
+    """out/<name>, replaced all at once (checkpoint.write_dir) by what write(dir) puts into it, and its
+    provenance: the ids of the outputs the running stage read (state["made_from"])."""
+    def save(tmp):
+        os.makedirs(tmp, exist_ok=True)
+        write(tmp)
+        checkpoint.write_provenance(tmp, state["stage"], state["made_from"])
+    return checkpoint.write_dir(stage_dir(cfg, name), save)
+
+
+def save_stage(cfg, state, name, model, tok, models=None, write=None):
     """out/<name> as a complete HF directory (+ models: {subdirectory: model}, e.g. the critic;
-    + write(dir): more files), replaced all at once (checkpoint.write_dir)."""
+    + write(dir): more files)."""
     def save(tmp):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -313,7 +109,7 @@ def save_stage(cfg, name, model, tok, models=None, write=None):
             m.save_pretrained(os.path.join(tmp, sub))
         if write:
             write(tmp)
-    return checkpoint.write_dir(stage_dir(cfg, name), save)
+    return save_output(cfg, state, name, save)
 
 
 def with_coat_tokens(model, tok):
@@ -364,7 +160,7 @@ def stage_pretrain(cfg, state):
         return log(f"pretrain: --model given, {cfg.model} is the base model")
     shipped = shipped_base(cfg)
     if shipped:
-        save_stage(cfg, "base", Transformer.from_pretrained(shipped), Tokenizer.from_pretrained(shipped))
+        save_stage(cfg, state, "base", Transformer.from_pretrained(shipped), Tokenizer.from_pretrained(shipped))
         return log(f"pretrain: the shipped base {shipped} was made with these options; copied to "
                    f"{stage_dir(cfg, 'base')} (--base= pretrains a new one)")
     torch.manual_seed(cfg.seed)
@@ -377,7 +173,7 @@ def stage_pretrain(cfg, state):
     log(f"pretrain: {num_params(model) / 1e6:.2f}M parameters, vocab {tok.vocab_size}, {len(train)} problems")
     examples = [(tok.encode_prompt(p["question"]), tok.encode(p["solution"]) + [tok.eos_id]) for p in train]
     m = sft_train(model, examples, sft_config(cfg, "pretrain", max_steps=cfg.pretrain_steps), **loop_kw(cfg, state, "pretrain"))
-    path = save_stage(cfg, "base", model, tok)
+    path = save_stage(cfg, state, "base", model, tok)
     log(f"pretrain: {m['steps']} steps, {m['tokens']} tokens in {m['time_s']:.0f}s, loss {m['loss']:.4f} -> {path}",
         stage="pretrain", done=True, **{k: v for k, v in m.items() if k != "losses"})
 
@@ -399,9 +195,7 @@ def stage_synthesize(cfg, state):
     records = coat.synthesize_coat(coat.sampler_generator(sampler, tok.stop_ids), tok, parallel.shard(problems),
                                    scfg, seed=cfg.seed + 7919 * parallel.rank(), log=state["log"])
     records = parallel.gather(records)
-    if parallel.is_main():
-        coat.write_demos(demos_path(cfg), records)
-    parallel.barrier()
+    save_output(cfg, state, "synthesize", lambda d: coat.write_demos(os.path.join(d, "demos.jsonl"), records))
     state["log"](f"synthesize: {len(records)} demonstrations -> {demos_path(cfg)}", stage="synthesize",
                  **dict(coat.synthesize_stats(records)))
 
@@ -419,7 +213,7 @@ def stage_sft(cfg, state):
     examples = [coat.demo_example(tok, d) for d in demos]
     state["log"](f"sft: {len(examples)} COAT demonstrations from {path}")
     m = sft_train(model, examples, sft_config(cfg, "sft"), **loop_kw(cfg, state, "sft"))
-    out = save_stage(cfg, "format_tuned", model, tok)
+    out = save_stage(cfg, state, "format_tuned", model, tok)
     state["log"](f"sft: loss {m['first_loss']:.4f} -> {m['loss']:.4f} in {m['time_s']:.0f}s -> {out}",
                  stage="sft", done=True, **{k: v for k, v in m.items() if k != "losses"})
 
@@ -447,7 +241,7 @@ def stage_orm(cfg, state):
         log("orm: no question has both a correct and an incorrect sample; the ORM stays untrained")
     states, counts = rae.build_buffer(zip(qids, prompts, groups), tok.coat_ids, tok.reflect_id,
                                       max_back=cfg.rae_max_back, seed=cfg.seed, stop_ids=tok.stop_ids)
-    save_stage(cfg, "orm", orm, tok, write=lambda d: rae.write_buffer(os.path.join(d, "rae.jsonl"), states))
+    save_stage(cfg, state, "orm", orm, tok, write=lambda d: rae.write_buffer(os.path.join(d, "rae.jsonl"), states))
     log(f"rae: {len(states)} restart states from {counts['kept']} questions "
         f"({counts['all_correct']} all correct, {counts['all_wrong']} all wrong dropped)", stage="rae", **counts)
 
@@ -472,7 +266,7 @@ def run_rl(cfg, state, src, dst, pool, temperature, group, steps, reward_fn=None
     rl.rl_train(cfg, policy, tok, state["rl"] if problems is None else problems, pool, temperature, group, steps,
                 critic=critic, orm=orm, ref=ref, reward_fn=reward_fn, name=dst, log=state["log"],
                 ckpt_dir=os.path.join(cfg.out, "ckpt", state["stage"], dst))
-    save_stage(cfg, dst, policy, tok, models={"critic": critic} if critic is not None else None)
+    save_stage(cfg, state, dst, policy, tok, models={"critic": critic} if critic is not None else None)
 
 
 def stage_rl(cfg, state):
@@ -509,7 +303,7 @@ def stage_distill(cfg, state):
     del policy
     base, btok = with_coat_tokens(*load_stage(cfg, "base"))
     m = sft_train(base, examples, sft_config(cfg, "distill"), **loop_kw(cfg, state, "distill"))
-    save_stage(cfg, "distilled", base, btok)
+    save_stage(cfg, state, "distilled", base, btok)
     log(f"distill: loss {m['first_loss']:.4f} -> {m['loss']:.4f}", stage="distill", loss=m["loss"])
 
 
@@ -533,7 +327,7 @@ def stage_rlt(cfg, state):
     qa = range(min(cfg.rlt_questions, len(train)))
     sft_train(teacher, rlt.warmup_examples(tok, train, qa, cfg.rlt_full_prompt), sft_config(cfg, "rlt_warm"),
               **loop_kw(cfg, state, "rlt_warm"))
-    save_stage(cfg, "rlt_warm", teacher, tok)
+    save_stage(cfg, state, "rlt_warm", teacher, tok)
     del teacher
     pool = [rae.RestartState(q, rlt.teacher_ids(tok, train[q], cfg.rlt_full_prompt), 0) for q in qa]
     student = load_stage(cfg, "base")[0].eval().requires_grad_(False)
@@ -553,7 +347,7 @@ def stage_rlt(cfg, state):
     for name, ex in (("rlt_student", rlt_ex), ("plain_student", plain_ex)):
         model, _ = load_stage(cfg, "base")
         sft_train(model, ex, sft_config(cfg, "distill", max_steps=cfg.rlt_student_steps), **loop_kw(cfg, state, name))
-        save_stage(cfg, name, model, tok)
+        save_stage(cfg, state, name, model, tok)
         m = evaluate(model, tok, state["test"], max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch)
         results[name] = m["pass_at_1"]
         log(f"rlt: {name} greedy pass@1 {m['pass_at_1']:.3f} on {m['n']} problems", stage="rlt", model=name, **m)
@@ -566,14 +360,19 @@ EVAL_STAGES = ("base", "format_tuned", "rl_round1", "distilled", "rl_round2")
 
 
 def stage_eval(cfg, state):
-    """Greedy pass@1 + COAT statistics of every stage model present -> out/results.json, results.md."""
+    """Greedy pass@1 + COAT statistics of every stage model present -> out/results.json, results.md.
+    A model made from an output that was remade since (say rl_round2 after rl ran again) is marked
+    stale: it does not belong to the chain beside it."""
+    outputs = {w.split("/")[0]: stage_dir(cfg, w.split("/")[0]) for _, _, writes in STAGES.values() for w in writes}
+    stale = checkpoint.stale(outputs)
     rows = []
     for name in (n for n in EVAL_STAGES if has_model(stage_dir(cfg, n))):
         t0 = time.time()
         model, tok = load_stage(cfg, name)
         m = evaluate(model, tok, state["test"], max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch)
-        rows.append({"name": name, **m})
-        state["log"](f"eval {name}: pass@1 {m['pass_at_1']:.3f} on {m['n']} problems ({time.time() - t0:.0f}s)",
+        rows.append({"name": name, **m, "stale": stale.get(name, [])})
+        note = f"; stale: made from an older {', '.join(stale[name])}" if name in stale else ""
+        state["log"](f"eval {name}: pass@1 {m['pass_at_1']:.3f} on {m['n']} problems ({time.time() - t0:.0f}s){note}",
                      stage="eval", model=name, **m)
         del model
     if not rows:
@@ -583,41 +382,49 @@ def stage_eval(cfg, state):
 
 
 # name: (function, what it reads from --out, what it writes there). The default chain runs them in
-# this order; each stage seeds its RNGs from its place here.
+# this order; each stage seeds its RNGs from its place here. An output records the ids of the
+# top-level folders its stage read (provenance.json), which is how eval tells a stale chain.
 STAGES = {
-    "pretrain":   (stage_pretrain,   "-",                                  "base"),
-    "synthesize": (stage_synthesize, "base",                               "synthesize/demos.jsonl"),
-    "sft":        (stage_sft,        "base, synthesize/demos.jsonl",       "format_tuned"),
-    "orm":        (stage_orm,        "format_tuned",                       "orm, orm/rae.jsonl"),
-    "rl":         (stage_rl,         "format_tuned, orm, orm/rae.jsonl",   "rl_round1 (+ critic)"),
-    "distill":    (stage_distill,    "rl_round1, base",                    "distilled"),
-    "rl2":        (stage_rl2,        "distilled, orm, rl_round1/critic",   "rl_round2 (+ critic)"),
-    "eval":       (stage_eval,       "every model above",                  "results.json, results.md"),
-    "rlt":        (stage_rlt,        "base",                               "rlt_warm, rlt_teacher, rlt_student, "
-                                                                           "plain_student, rlt_results.json"),
+    "pretrain":   (stage_pretrain,   (),                                        ("base",)),
+    "synthesize": (stage_synthesize, ("base",),                                 ("synthesize/demos.jsonl",)),
+    "sft":        (stage_sft,        ("base", "synthesize/demos.jsonl"),        ("format_tuned",)),
+    "orm":        (stage_orm,        ("format_tuned",),                         ("orm", "orm/rae.jsonl")),
+    "rl":         (stage_rl,         ("format_tuned", "orm", "orm/rae.jsonl"),  ("rl_round1", "rl_round1/critic")),
+    "distill":    (stage_distill,    ("rl_round1", "base"),                     ("distilled",)),
+    "rl2":        (stage_rl2,        ("distilled", "orm", "rl_round1/critic"),  ("rl_round2", "rl_round2/critic")),
+    "eval":       (stage_eval,       EVAL_STAGES,                               ("results.json", "results.md")),
+    "rlt":        (stage_rlt,        ("base",),                                 ("rlt_warm", "rlt_teacher", "rlt_student",
+                                                                                 "plain_student", "rlt_results.json")),
 }
 DEFAULT_STAGES = ["pretrain", "synthesize", "sft", "orm", "rl", "distill", "rl2", "eval"]
+READ_ONLY = {"eval"}      # a run of only these leaves progress.json and out/ckpt alone
 
 
 def main(argv):
+    """Run the stages argv asks for. Every option and input file is checked first: a bad one raises
+    SystemExit with one line before --out is touched."""
     cfg = parse_args(argv)
     rank, world = parallel.init()
     names = [s for s in cfg.stages.split(",") if s] or DEFAULT_STAGES
     unknown = [s for s in names if s not in STAGES]
     if unknown:
-        raise SystemExit(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
+        raise SystemExit(f"--stages: unknown stage {unknown[0]!r}; expected some of {', '.join(STAGES)}")
     check_config(cfg, names, world)
+    train, test, rl_questions = data.load_problems(cfg, need_solutions="pretrain" in names and not cfg.model)
     checkpoint.check_writable(cfg.out, cfg.min_free_gb * 2**30)
-    signature = {k: v for k, v in asdict(cfg).items() if k not in ("stages", "resume", "device")}
-    done = checkpoint.begin_run(cfg.out, signature, cfg.resume, renamed=RENAMED)
+    # a run of read-only stages (eval) leaves the record of the run in --out, and its checkpoints, alone
+    progress = None
+    if not set(names) <= READ_ONLY:
+        signature = {k: v for k, v in asdict(cfg).items() if k not in config.NOT_SIGNATURE}
+        progress = checkpoint.begin_run(cfg.out, names, signature, cfg.resume, cfg.overwrite, config.RENAMED)
+        if rank == 0:
+            with open(os.path.join(cfg.out, "run_config.json"), "w") as f:
+                json.dump(asdict(cfg), f, indent=2)
+    done = progress["done"] if progress else []
     log = make_logger(cfg.out)
-    if rank == 0:
-        with open(os.path.join(cfg.out, "run_config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
     rollout.CUDA_GRAPHS = cfg.cuda_graphs
     if get_device(cfg).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-    train, test, rl_questions = data.load_problems(cfg)
     state = {"log": log, "train": train, "test": test, "rl": rl_questions}
     log(f"nanosatori: stages {','.join(names)}, {len(train)} train" +
         (f" + {len(rl_questions)} RL" if rl_questions is not train else "") + f" / {len(test)} test problems, "
@@ -631,15 +438,38 @@ def main(argv):
         torch.manual_seed(seed)
         random.seed(seed)
         t0 = time.time()
-        state["stage"] = name
+        reads = {r.split("/")[0] for r in STAGES[name][1]}
+        state.update(stage=name, made_from={r: checkpoint.output_id(stage_dir(cfg, r)) for r in sorted(reads)})
+        if progress:
+            checkpoint.stage_start(cfg.out, progress, name)
         STAGES[name][0](cfg, state)
-        checkpoint.stage_done(cfg.out, done + [name], signature)
-        done.append(name)
+        if progress:
+            checkpoint.stage_done(cfg.out, progress, name)
         log(f"stage {name} done in {time.time() - t0:.0f}s", stage=name, wall_s=time.time() - t0)
-    checkpoint.end_run(cfg.out)
+    if progress:
+        checkpoint.end_run(cfg.out, progress)
     parallel.shutdown()
+
+
+def cli(argv):
+    """main(argv) from a shell -> the exit code. An error meant for the user (a SystemExit with a
+    message) is one line on stderr and exit code 2; --debug shows where it was raised too."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        try:
+            debug = parse_args(argv).debug
+        except SystemExit:
+            debug = False
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e.code}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
     faulthandler.enable()   # a crash in native code (segfault, abort) still prints each thread's Python stack
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

@@ -9,7 +9,7 @@ import torch
 import ppo
 import rlt
 import rl
-import train
+import config
 from model import ModelConfig, Transformer, ValueModel
 from rae import RestartState
 from rollout import Sampler
@@ -39,7 +39,7 @@ def run(algo, reward_fn=sevens, steps=12, lr=3e-3, expo_rows=None, reward_for=No
     reward that reads the policy being trained (RLT's teacher log-probs). -> (mean reward per step,
     the last update's metrics)."""
     torch.manual_seed(0)
-    cfg = train.Config(algo=algo, minibatch_size=16, ppo_epochs=2, rl_max_new_tokens=NEW, grpo_kl=0.01, **over)
+    cfg = config.Config(algo=algo, minibatch_size=16, ppo_epochs=2, rl_max_new_tokens=NEW, grpo_kl=0.01, **over)
     group = 1 if algo == "ppo" else GROUP
     pcfg = rl.algo_config(cfg, group)
     policy = Transformer(CFG)
@@ -88,11 +88,11 @@ def test_each_algo_raises_a_learnable_reward(algo):
 
 
 def test_algo_configs_differ_in_the_documented_lines():
-    c = lambda a: rl.algo_config(train.Config(algo=a), 8)
+    c = lambda a: rl.algo_config(config.Config(algo=a), 8)
     assert c("ppo").adv_estimator == "gae" and c("ppo").whiten_advantages and c("ppo").kl_loss_coef == 0
     assert c("grpo").adv_estimator == "grpo" and c("grpo").loss_agg == "seq_mean" and c("grpo").kl_loss_coef == 0.04
     assert c("drgrpo").adv_estimator == "drgrpo" and c("drgrpo").loss_agg == "seq_sum_norm"
-    assert c("drgrpo").max_len == train.Config().rl_max_new_tokens
+    assert c("drgrpo").max_len == config.Config().rl_max_new_tokens
     d = c("dapo")
     assert (d.clip_high, d.loss_agg, d.dynamic_sampling, d.kl_loss_coef) == (0.28, "token_mean", True, 0.0)
     assert d.overlong_buffer == 32 and d.no_eos_penalty == 0.0

@@ -7,6 +7,7 @@ This file is also the script of the crash test: `python tests/test_checkpoint.py
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     crashed = run("crash", "never.safetensors")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     assert checkpoint.latest(ckpt).endswith("step-00000004") and not os.path.exists(tmp_path / "never.safetensors")
+    shutil.copytree(ckpt, tmp_path / "ckpt-truncated")
     resumed = run("resume", "resumed.safetensors")
     assert resumed.returncode == 0, resumed.stderr
     r, f = json.loads(resumed.stdout), json.loads(full.stdout)
@@ -172,19 +174,105 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     a, b = load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "resumed.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(os.listdir(ckpt)) == ["step-00000006", "step-00000008"]   # keep=2
+    # the newest checkpoint's weights cut short (a disk that filled up): resume from the one before,
+    # still to bitwise the same end
+    ckpt = str(tmp_path / "ckpt-truncated")
+    newest = os.path.join(ckpt, "step-00000004", "model.safetensors")
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    resumed = run("resume", "fallback.safetensors")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["resumed_from"] == 2
+    b = load_file(tmp_path / "fallback.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-if __name__ == "__main__":
-    run_script(*sys.argv[1:])
+
+
+def test_resume_falls_back_only_past_checkpoints_that_fail_to_load(tmp_path):
+    """Each broken checkpoint is named in one line and the next older one tried; none loading, or a
+    checkpoint of another stage, is an error, not a silent fresh start."""
+    model, root = tiny(), str(tmp_path)
+    for step in (1, 2, 3):
+        checkpoint.save(root, f"step-{step}", {"m": model}, {}, {"stage": "t", "step": step, "steps": 9}, keep=0)
+    for step in (2, 3):
+        with open(os.path.join(root, f"step-{step}", "m.safetensors"), "r+b") as f:
+            f.truncate(100)
+    logs = []
+    assert checkpoint.resume(root, {"m": tiny(seed=1)}, {}, "t", 9, log=logs.append)["step"] == 1
+    assert len(logs) == 3 and all("cannot resume from" in l and "\n" not in l for l in logs[:2]), logs
+    assert "step-3" in logs[0] and "step-2" in logs[1] and "resumed from" in logs[2]
+    with open(os.path.join(root, "step-1", "m.safetensors"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(SystemExit, match="none of the 3 checkpoints under .* loads"):
+        checkpoint.resume(root, {"m": tiny()}, {}, "t", 9, log=lambda s: None)
+    with pytest.raises(SystemExit, match="checkpoint of stage 't' with 9 steps, but this run is 'u'"):
+        checkpoint.resume(root, {"m": tiny()}, {}, "u", 9, log=lambda s: None)
+    assert checkpoint.resume(str(tmp_path / "none"), {"m": tiny()}, {}, "t", 9) is None
+
+
+def test_progress_refuses_to_lose_an_unfinished_run(tmp_path):
+    """A fresh run into a directory whose run did not finish is refused (it would delete the
+    checkpoints), naming --resume and --overwrite; --overwrite deletes them; a finished run may be
+    followed by a fresh one."""
+    out = str(tmp_path)
+    sig = {"seed": 0}
+    progress = checkpoint.begin_run(out, ["pretrain", "sft"], sig, resume=False)
+    checkpoint.stage_start(out, progress, "pretrain")
+    checkpoint.stage_done(out, progress, "pretrain")
+    checkpoint.stage_start(out, progress, "sft")
+    os.makedirs(os.path.join(out, "ckpt", "sft", "sft", "step-1"))
+    with pytest.raises(SystemExit, match="unfinished run \\(stages pretrain,sft, done: pretrain, stopped in: sft\\): "
+                                         "--resume=true goes on with it, --overwrite=true starts over"):
+        checkpoint.begin_run(out, ["sft"], sig, resume=False)
+    assert os.path.isdir(os.path.join(out, "ckpt", "sft", "sft", "step-1"))
+    assert checkpoint.begin_run(out, ["pretrain", "sft"], sig, resume=True)["done"] == ["pretrain"]
+    assert os.path.isdir(os.path.join(out, "ckpt", "sft", "sft", "step-1"))
+    progress = checkpoint.begin_run(out, ["sft"], sig, resume=False, overwrite=True)
+    assert not os.path.exists(os.path.join(out, "ckpt")) and progress["done"] == []
+    checkpoint.stage_start(out, progress, "sft")
+    checkpoint.stage_done(out, progress, "sft")
+    checkpoint.end_run(out, progress)
+    assert checkpoint.unfinished(out) is None
+    checkpoint.begin_run(out, ["sft"], sig, resume=False)          # after a finished run: fine
+    # a directory from before progress.json said "finished": its checkpoints decide
+    os.remove(os.path.join(out, "progress.json"))
+    os.makedirs(os.path.join(out, "ckpt", "rl"))
+    assert checkpoint.unfinished(out) == f"checkpoints of stage rl in {os.path.join(out, 'ckpt')}"
 
 
 def test_resume_reads_progress_written_under_old_option_names(tmp_path):
     """A run recorded with an option's old name resumes under the new one, and an option the
     earlier run did not have yet is not compared; a real difference is still refused."""
     out = str(tmp_path)
-    checkpoint.begin_run(out, {"rl_samples": 1, "seed": 0}, resume=False)
-    checkpoint.stage_done(out, ["pretrain"], {"rl_samples": 1, "seed": 0})
+    progress = checkpoint.begin_run(out, ["pretrain"], {"rl_samples": 1, "seed": 0}, resume=False)
+    checkpoint.stage_done(out, progress, "pretrain")
     renamed = {"rl_samples": "rl_group"}
-    assert checkpoint.begin_run(out, {"rl_group": 1, "seed": 0, "new_option": 3}, True, renamed) == ["pretrain"]
+    assert checkpoint.begin_run(out, ["rl"], {"rl_group": 1, "seed": 0, "new_option": 3}, True,
+                                renamed=renamed)["done"] == ["pretrain"]
     with pytest.raises(SystemExit, match="--rl_group=1 \\(now 2\\)"):
-        checkpoint.begin_run(out, {"rl_group": 2, "seed": 0}, True, renamed)
+        checkpoint.begin_run(out, ["rl"], {"rl_group": 2, "seed": 0}, True, renamed=renamed)
+
+
+def test_provenance_marks_outputs_made_from_a_remade_input(tmp_path):
+    """stale: an output whose input was remade since, and everything made from it, is stale; an
+    output without provenance, or an input not given, is not judged."""
+    d = {n: str(tmp_path / n) for n in ("base", "tuned", "rl", "distilled", "rl2")}
+    for n in d.values():
+        os.makedirs(n)
+    ids = lambda *names: {n: checkpoint.output_id(d[n]) for n in names}
+    checkpoint.write_provenance(d["base"], "pretrain", {})
+    checkpoint.write_provenance(d["tuned"], "sft", ids("base"))
+    checkpoint.write_provenance(d["rl"], "rl", ids("tuned"))
+    checkpoint.write_provenance(d["distilled"], "distill", ids("rl", "base"))
+    checkpoint.write_provenance(d["rl2"], "rl2", {**ids("distilled", "rl"), "elsewhere": "x"})
+    assert checkpoint.stale(d) == {}
+    checkpoint.write_provenance(d["rl"], "rl", ids("tuned"))         # rl ran again
+    assert checkpoint.stale(d) == {"distilled": ["rl"], "rl2": ["distilled", "rl"]}
+    os.remove(os.path.join(d["distilled"], "provenance.json"))       # not judged, but rl2 still is
+    assert checkpoint.stale(d) == {"rl2": ["distilled", "rl"]}
+    assert checkpoint.output_id(d["distilled"]) == os.path.abspath(d["distilled"])
+
+
+if __name__ == "__main__":
+    run_script(*sys.argv[1:])

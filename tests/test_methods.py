@@ -4,7 +4,7 @@ import torch
 
 import ppo
 import rl
-import train
+import config
 from model import ModelConfig, Transformer
 from rae import RestartState
 from reward import expo_prompt, exploration_reward, reasoning_steps, rlsp_coef
@@ -63,7 +63,7 @@ def test_rlsp_reward_is_paid_right_or_wrong(tok):
     outs = [Completion(tokens=tok.encode(COAT4), finish_reason="stop")] * 2
     s = rl.Samples(states=[RestartState(0, [1], 0)], outs=outs, correct=[True, False], seed=0)
     r = ppo.make_rollouts([[1], [1]], [o.tokens for o in outs], tok.pad_id)
-    reward = lambda **kw: rl.rewards(train.Config(orm=False, **kw), tok, s, r, 2, 0, 10).tolist()
+    reward = lambda **kw: rl.rewards(config.Config(orm=False, **kw), tok, s, r, 2, 0, 10).tolist()
     assert reward(rlsp_coef=0.5) == pytest.approx([0.25, -0.75])        # 0 / -1 rule + 0.5 * 4/8 steps
     assert reward(rlsp_coef=0.0) == [0.0, -1.0]
     assert reward(rlsp_coef=1.0, rlsp_max_steps=4) == pytest.approx([1.0, 0.0])
@@ -111,7 +111,7 @@ def test_extract_explanation_and_missing_tags():
 def test_rlt_reward_without_tags_or_stop(tok):
     """A sample without well-formed tags, or one that never stopped, gets rlt_missing_tags_reward
     (no model is run for them)."""
-    cfg = train.Config(rlt_missing_tags_reward=-7.0)
+    cfg = config.Config(rlt_missing_tags_reward=-7.0)
     problems = [{"question": "What is 2 + 3?", "answer": "5"}]
     outs = [Completion(tokens=tok.encode("forgot the tags") + [tok.eos_id], finish_reason="stop"),
             Completion(tokens=tok.encode("<think> 2 + 3 = 5 </think>"), finish_reason="length")]

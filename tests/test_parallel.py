@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 import parallel  # noqa: E402
 import ppo  # noqa: E402
 import sft  # noqa: E402
@@ -170,6 +171,21 @@ def rl_step_with_uneven_ranks():
     assert (m["step"], m["prompts"], m["left_out"], m["expo_rows"], m["acc"]) == (1, 2, 0, 1, 0.5), m
 
 
+def resume_falls_back_together(out):
+    """Rank 1's RNG file of the newest checkpoint is cut short, rank 0's is whole: both ranks must
+    fall back to the older checkpoint (one resuming from each would train on diverged states)."""
+    root, model = os.path.join(out, "ckpt"), Transformer(CFG)
+    for step in (1, 2):
+        checkpoint.save(root, f"step-{step}", {"m": model}, {}, {"stage": "t", "step": step, "steps": 3})
+    if parallel.rank() == 1:
+        with open(os.path.join(root, "step-2", "rng-rank1.safetensors"), "r+b") as f:
+            f.truncate(8)
+    parallel.barrier()
+    logs = []
+    assert checkpoint.resume(root, {"m": model}, {}, "t", 3, log=logs.append)["step"] == 1
+    assert "cannot resume from" in logs[0] and "step-2" in logs[0], logs
+
+
 def worker(out):
     torch.set_num_threads(1)
     rank, world = parallel.init()
@@ -189,6 +205,7 @@ def worker(out):
     t = torch.tensor([1.0, rank])
     assert parallel.all_sum(t) is t and t.tolist() == [2.0, 1.0]
     rl_step_with_uneven_ranks()
+    resume_falls_back_together(out)
     results = {kind: train(kind) for kind in RUNS}
     ppo_refuses_uneven_splits()
     infos = {}

@@ -1,6 +1,7 @@
 """train.py survives a crash: a run SIGKILLed in the middle of a stage and resumed with --resume
-ends with weights bitwise equal to an uninterrupted run; a finished stage is not redone; resuming
-with other options is refused; configs that cannot work are refused before any work."""
+ends with weights bitwise equal to an uninterrupted run, even after the crashed run was evaluated;
+a finished stage is not redone; a fresh run into it, or resuming with other options, is refused;
+configs that cannot work are refused before any work."""
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 import rl
+import config
 import train
 from test_train import TINY, pretrain_and_fake_format_tuned
 
@@ -73,7 +75,17 @@ def test_sigkill_mid_rl_then_resume_is_bitwise(prepared, tmp_path):
     assert not os.path.exists(os.path.join(b, "rl_round1"))    # the stage did not finish
     ckpts = os.listdir(os.path.join(b, "ckpt", "rl", "rl_round1"))
     assert any(c.startswith("step-") for c in ckpts)
-    assert json.load(open(os.path.join(b, "progress.json")))["done"] == ["orm"]
+    progress = json.load(open(os.path.join(b, "progress.json")))
+    assert progress["done"] == ["orm"] and progress["current"] == "rl" and progress["finished"] is False
+
+    # evaluating the crashed run only reads it; a fresh run into it is refused, naming the way on
+    train.main([f"--out={b}", "--stages=eval"] + RL)
+    assert json.load(open(os.path.join(b, "progress.json"))) == progress
+    assert os.listdir(os.path.join(b, "ckpt", "rl", "rl_round1")) == ckpts
+    with pytest.raises(SystemExit, match="unfinished run \\(stages orm,rl, done: orm, stopped in: rl\\): "
+                                         "--resume=true goes on with it"):
+        train.main([f"--out={b}", "--stages=rl"] + RL)
+    assert os.listdir(os.path.join(b, "ckpt", "rl", "rl_round1")) == ckpts
 
     log = finish(launch(b, "--stages=orm,rl", "--resume=true", *RL))
     assert "stage orm: done in an earlier run" in log and "rl_round1: resumed from" in log
@@ -96,14 +108,15 @@ def test_configs_that_cannot_work_are_refused(tmp_path):
            (["--minibatch_size=48"], "--minibatch_size=48 must divide --rl_batch=64"),
            (["--rl_max_new_tokens=600"], "max_position_embeddings=1024"),
            (["--rlsp_schedule=cosine"], "--rlsp_schedule=cosine"),
-           (["--rae_mix=1.5"], "--rae_mix=1.5: expected a share"),
-           (["--distill_keep=0"], "--distill_keep=0.0: expected a share in"),
-           (["--eval_batch=0"], "--eval_batch=0: expected a number of sequences >= 1"),
-           (["--n_rl=-1"], "--n_rl=-1: expected a number")]
+           (["--rae_mix=1.5"], "--rae_mix=1.5: expected a number in \\[0, 1\\]"),
+           (["--distill_keep=0"], "--distill_keep=0.0: expected a number in \\(0, 1\\]"),
+           (["--eval_batch=0"], "--eval_batch=0: expected an integer >= 1"),
+           (["--n_rl=-1"], "--n_rl=-1: expected an integer >= 0"),
+           (["--algo=dapo", "--dapo_overlong_buffer=128"], "--dapo_overlong_buffer=128: expected less than")]
     for args, msg in bad:
         with pytest.raises(SystemExit, match=msg):
             train.main([f"--out={out}", "--stages=eval"] + args)    # a later --stages wins
-    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))   # nothing ran
+    assert not os.listdir(out)                                      # nothing ran
     # a user's model whose tokenizer has more tokens than its embedding
     from model import ModelConfig, Transformer
     from tokenizer import build_task_tokenizer
@@ -149,22 +162,27 @@ def test_torchrun_two_processes_run_the_stages(prepared, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
 
-def test_resume_without_progress_keeps_checkpoints_and_stage_swap_recovers(prepared, tmp_path):
-    """A run that died in its first stage has no progress.json: --resume keeps its checkpoints (a
-    fresh run removes them). A crash between save_stage's two renames leaves <stage>.old, which
-    load_stage puts back."""
+def test_checkpoints_of_an_old_run_are_kept_and_stage_swap_recovers(prepared, tmp_path):
+    """A directory with checkpoints but no record of its run finishing (a run of an older version
+    that died) is unfinished: eval leaves it alone, a fresh run is refused, --resume keeps the
+    checkpoints and --overwrite deletes them. A crash between save_stage's two renames leaves
+    <stage>.old, which load_stage puts back."""
     out = str(tmp_path / "run")
     copy_models(prepared, out)
     marker = os.path.join(out, "ckpt", "rl", "rl_round1", "keep")
     os.makedirs(os.path.dirname(marker))
     open(marker, "w").close()
-    train.main([f"--out={out}", "--stages=eval", "--resume=true"] + RL)
-    assert os.path.exists(marker)
     train.main([f"--out={out}", "--stages=eval"] + RL)
+    assert os.path.exists(marker) and not os.path.exists(os.path.join(out, "progress.json"))
+    with pytest.raises(SystemExit, match="holds an unfinished run \\(checkpoints of stage rl in .*--resume=true"):
+        train.main([f"--out={out}", "--stages=orm"] + RL)
+    train.main([f"--out={out}", "--stages=orm", "--resume"] + RL)
+    assert os.path.exists(marker)
+    train.main([f"--out={out}", "--stages=orm", "--overwrite"] + RL)
     assert not os.path.exists(marker)
     os.replace(os.path.join(out, "format_tuned"), os.path.join(out, "format_tuned.old"))
-    cfg = train.parse_args([f"--out={out}"] + RL)
+    cfg = config.parse_args([f"--out={out}"] + RL)
     model, tok = train.load_stage(cfg, "format_tuned")
     assert os.path.isdir(os.path.join(out, "format_tuned")) and not os.path.exists(os.path.join(out, "format_tuned.old"))
-    assert rl.algo_config(train.Config(reward_clip=0), 1).reward_clip is None
-    assert rl.algo_config(train.Config(), 1).reward_clip == 10.0
+    assert rl.algo_config(config.Config(reward_clip=0), 1).reward_clip is None
+    assert rl.algo_config(config.Config(), 1).reward_clip == 10.0

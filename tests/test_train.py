@@ -7,9 +7,10 @@ import pytest
 
 import data
 import rae
+import config
 import train
 from tokenizer import CONTINUE as C, EXPLORE as E, REFLECT as R
-from train import Config, parse_args
+from config import Config, parse_args
 
 # a built-in problem: 47 + 38 = 85, 85 * 3 = 255, 255 - 59 = 196
 P = data.problem_from(47, [("+", 38), ("*", 3), ("-", 59)])
@@ -77,6 +78,12 @@ def test_tiny_chain(tmp_path):
     lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert any(l.get("stage") == "pretrain" and l.get("step") == 2 for l in lines)
     assert any(l.get("stage") == "eval" and l.get("model") == "format_tuned" for l in lines)
+    # a new base: the format-tuned model was made from the old one, and eval says so
+    assert [r["stale"] for r in res["stages"]] == [[], []]
+    train.main([f"--out={out}", "--stages=pretrain,eval"] + TINY + ["--seed=1"])
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert [(r["name"], r["stale"]) for r in res["stages"]] == [("base", []), ("format_tuned", ["base", "synthesize"])]
+    assert "| format_tuned (stale: base, synthesize remade since) |" in open(os.path.join(out, "results.md")).read()
 
 
 def pretrain_and_fake_format_tuned(out, args):
@@ -125,10 +132,10 @@ def test_tiny_rl_stages(tmp_path, capsys, monkeypatch):
     # the GPU path: the sampler decodes with a bf16 copy, refreshed after each update
     import rl
     from model import ValueModel
-    policy, tok = train.load_stage(train.parse_args([f"--out={out}"] + small), "rl_round1")
-    pool = rae.plain_states(data.load_problems(train.parse_args(small))[2], tok)
+    policy, tok = train.load_stage(config.parse_args([f"--out={out}"] + small), "rl_round1")
+    pool = rae.plain_states(data.load_problems(config.parse_args(small))[2], tok)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    cfg = train.parse_args(small + ["--sampler_dtype=bfloat16", "--rl_steps=1", "--rl_ckpt_every=0"])
+    cfg = config.parse_args(small + ["--sampler_dtype=bfloat16", "--rl_steps=1", "--rl_ckpt_every=0"])
     # round 1's trained critic: its values differ from token to token, so the advantages are not all
     # zero even when every sample gets the same reward (a zero value head, from_policy, would make them so)
     critic = ValueModel.from_pretrained(os.path.join(out, "rl_round1", "critic"), device=next(policy.parameters()).device)
@@ -145,7 +152,7 @@ def test_tiny_rl_stages(tmp_path, capsys, monkeypatch):
             outs, ok = real(*a, **k)
             return outs, [mixed and i % 2 == 0 for i in range(len(ok))]
         return sample_and_grade
-    cfg = train.parse_args(small + ["--algo=dapo", "--grpo_group=2", "--rl_steps=1", "--rl_ckpt_every=0"])
+    cfg = config.parse_args(small + ["--algo=dapo", "--grpo_group=2", "--rl_steps=1", "--rl_ckpt_every=0"])
     for mixed, want in ((True, cfg.rl_batch // 2), (False, None)):
         monkeypatch.setattr(rl, "sample_and_grade", graded(mixed))
         before = {k: v.clone() for k, v in policy.state_dict().items()}
