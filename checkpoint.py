@@ -265,9 +265,10 @@ def write_dir(path, write):
 
 def restore_dir(path, complete):
     """Put back path.old when write_dir crashed between its two renames (complete(dir) -> bool says
-    whether a directory holds what it should)."""
-    if not complete(path) and complete(path + ".old"):
+    whether a directory holds what it should). Every rank calls it; rank 0 alone renames."""
+    if parallel.is_main() and not complete(path) and complete(path + ".old"):
         os.replace(path + ".old", path)
+    parallel.barrier()
 
 # -----------------------------------------------------------------------------
 # the progress of a run: which stages are done, with which options, and whether it finished
@@ -365,13 +366,13 @@ PROVENANCE = "provenance.json"
 
 
 def output_id(path):
-    """The id of a stage output directory: the one its provenance.json holds, else its absolute path
-    (a user's model, or an output written before provenance was recorded)."""
+    """The id of a stage output directory from its provenance.json; None for a directory without
+    one (a user's model, an output written before provenance was recorded) or no directory."""
     try:
         with open(os.path.join(path, PROVENANCE)) as f:
             return json.load(f)["id"]
     except (OSError, ValueError, KeyError):
-        return os.path.abspath(path)
+        return None
 
 
 def write_provenance(path, stage, made_from):
@@ -381,9 +382,9 @@ def write_provenance(path, stage, made_from):
 
 
 def stale(dirs):
-    """{name: [inputs remade since]} of the outputs in dirs ({name: path}, each input before the
-    outputs made from it) that were made from an input whose id has changed, or from a stale one.
-    An input not in dirs, or an output without provenance, is not judged."""
+    """{name: [its stale inputs]} of the outputs in dirs ({name: path}, each input before the outputs
+    made from it) that were made from an input whose id has changed since, or from a stale one. An
+    output without provenance, or an input without an id then or now, is not judged."""
     ids, out = {n: output_id(p) for n, p in dirs.items()}, {}
     for name, path in dirs.items():
         try:
@@ -391,7 +392,7 @@ def stale(dirs):
                 made_from = json.load(f).get("made_from", {})
         except (OSError, ValueError):
             continue
-        why = [i for i, was in made_from.items() if (i in ids and ids[i] != was) or i in out]
+        why = [i for i, was in made_from.items() if i in out or (None not in (was, ids.get(i)) and ids[i] != was)]
         if why:
             out[name] = why
     return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from model import load_config
+from model import load_config, weight_files
 from rl import ALGOS
 from tokenizer import Tokenizer
 
@@ -32,8 +32,8 @@ class Config:
     overwrite: bool = False       # start over in an --out that holds an unfinished run (its checkpoints are deleted)
     config: str = ""              # a JSON or TOML file of options; the command line overrides them
     debug: bool = False           # an error shows its traceback too, not only its one line
-    ckpt_every: int = 100         # SFT-like loops (pretrain, sft, orm, distill): steps between checkpoints
-    rl_ckpt_every: int = 5        # RL loops: steps between checkpoints
+    ckpt_every: int = 100         # SFT-like loops (pretrain, sft, orm, distill): steps between checkpoints (0: at the end)
+    rl_ckpt_every: int = 5        # RL loops: steps between checkpoints (0: at the end)
     ckpt_keep: int = 2            # newest checkpoints kept per loop (a finished stage keeps its output only)
     min_free_gb: float = 1.0      # refuse to start with less free disk under --out
     cuda_graphs: bool = True      # samplers replay their decode step as CUDA graphs on CUDA (false: eager, to debug)
@@ -169,7 +169,12 @@ class Config:
 RENAMED = {"rl_samples": "rl_group", "rl2_samples": "rl2_group", "group_size": "grpo_group",
            "rae_samples": "rae_group", "distill_samples": "distill_group", "synth_samples": "synth_group"}
 # options that say how to run, not what to compute: a resumed run may change them
-NOT_SIGNATURE = ("stages", "resume", "device", "overwrite", "config", "debug")
+NOT_SIGNATURE = ("stages", "resume", "device", "overwrite", "config", "debug", "out", "min_free_gb", "ckpt_every",
+                 "rl_ckpt_every", "ckpt_keep", "log_every", "cuda_graphs")
+
+
+def _what(typ):
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "numbers"}[typ]
 
 
 def _convert(text, typ, key):
@@ -184,14 +189,36 @@ def _convert(text, typ, key):
             return tuple(float(x) for x in text.split(","))
         return typ(text)
     except ValueError:
-        raise SystemExit(f"--{key}={text}: expected {'true or false' if typ is bool else 'a ' + typ.__name__}") from None
+        raise SystemExit(f"--{key}={text}: expected {_what(typ)}") from None
 
 
-def _unknown(key, names):
+def _unknown(key, types):
     if key in RENAMED:
         return SystemExit(f"--{key} is now --{RENAMED[key]}")
-    near = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    return SystemExit(f"unknown option --{key}" + (f"; did you mean --{near[0]}?" if near else "; --help lists them"))
+    flags = [k for k, t in types.items() if t is bool]
+    if key.startswith("no_") and difflib.get_close_matches(key[3:], flags, n=1, cutoff=0.6):
+        near = "no-" + difflib.get_close_matches(key[3:], flags, n=1, cutoff=0.6)[0]
+    else:
+        near = (difflib.get_close_matches(key, list(types), n=1, cutoff=0.6) or [None])[0]
+    return SystemExit(f"unknown option --{key}" + (f"; did you mean --{near}?" if near else "; --help lists them"))
+
+
+def _file_value(v, typ):
+    """A value from a --config file as the option's type, or None if it is not one (a bool is not
+    a number, an int is a float, a tuple is a list of numbers or "0.9,0.95")."""
+    if typ is tuple:
+        parts = v.split(",") if isinstance(v, str) else v if isinstance(v, list) else None
+        if parts is None or any(isinstance(x, bool) for x in parts):
+            return None
+        try:
+            return tuple(float(x) for x in parts)
+        except (TypeError, ValueError):
+            return None
+    if isinstance(v, bool) != (typ is bool):
+        return None
+    if typ is float and isinstance(v, int):
+        return float(v)
+    return v if isinstance(v, typ) else None
 
 
 def _from_file(path, types):
@@ -206,12 +233,10 @@ def _from_file(path, types):
     out = {}
     for k, v in opts.items():
         if k not in types:
-            raise _unknown(k, list(types))
-        out[k] = tuple(v) if types[k] is tuple else v
-        if types[k] is float and isinstance(v, int):
-            out[k] = float(v)
-        if not isinstance(out[k], types[k]):
-            raise SystemExit(f"--config={path}: {k} = {v!r}: expected a {types[k].__name__}")
+            raise _unknown(k, types)
+        out[k] = _file_value(v, types[k])
+        if out[k] is None:
+            raise SystemExit(f"--config={path}: {k} = {v!r}: expected {_what(types[k])}")
     return out
 
 
@@ -230,18 +255,17 @@ def parse_args(argv, cfg=None):
             raise SystemExit(f"bad argument {arg!r}: options are --key=value or --key value (--help lists them)")
         key, eq, val = arg[2:].partition("=")
         key = key.replace("-", "_")
-        if not eq:
-            flag = key[3:] if key.startswith("no_") and types.get(key[3:]) is bool else None
-            if flag:
-                key, val = flag, "false"
-            elif types.get(key) is bool and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
-                val = "true"
-            elif i + 1 < len(argv):
-                i, val = i + 1, argv[i + 1]
-            else:
-                raise SystemExit(f"--{key}: expected a value")
-        if key not in types:
-            raise _unknown(key, list(types))
+        if not eq and key.startswith("no_") and types.get(key[3:]) is bool:
+            key, val = key[3:], "false"
+        elif key not in types:
+            raise _unknown(key, types)
+        elif not eq and types[key] is bool and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            val = "true"
+        elif not eq:
+            # the value is the next argument, unless that is another option (a negative number is not)
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                raise SystemExit(f"--{key}: expected a value (--{key} VALUE or --{key}=VALUE)")
+            i, val = i + 1, argv[i + 1]
         pairs.append((key, val))
         i += 1
     for key, val in pairs:
@@ -275,7 +299,7 @@ def help_text():
 
 # the range of every number option (a test holds each int and float field of Config to one)
 RANGES = {
-    ">= 1": "ckpt_every rl_ckpt_every task_n_steps task_start_max task_max_operand task_mul_max task_max_value "
+    ">= 1": "task_n_steps task_start_max task_max_operand task_mul_max task_max_value "
             "n_train n_test vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
             "num_key_value_heads max_position_embeddings pretrain_steps pretrain_batch_tokens synth_questions "
             "synth_group synth_max_new_tokens sft_batch_tokens grad_accum log_every rae_questions rae_group "
@@ -283,7 +307,7 @@ RANGES = {
             "grpo_group rlsp_max_steps rlt_questions rlt_warm_batch_tokens rlt_steps rlt_group rlt_max_new_tokens "
             "rlt_distill_questions rlt_student_steps distill_questions distill_group distill_batch_tokens rl2_steps "
             "rl2_group eval_max_new_tokens gen_batch eval_batch",
-    ">= 0": "seed ckpt_keep task_min_steps n_rl rae_max_back dapo_overlong_buffer dapo_max_refills min_free_gb "
+    ">= 0": "seed ckpt_every rl_ckpt_every ckpt_keep task_min_steps n_rl rae_max_back dapo_overlong_buffer dapo_max_refills min_free_gb "
             "pretrain_weight_decay sft_weight_decay orm_margin ent_coef kl_coef reward_clip grpo_kl rlsp_coef "
             "expo_beta rlt_kl rlt_lambda rlt_alpha",
     "> 0": "pretrain_lr sft_lr orm_lr actor_lr critic_lr rlt_warm_lr rlt_lr distill_lr rl2_actor_lr sft_epochs "
@@ -324,10 +348,15 @@ def _check_task_and_model(cfg):
     if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
         raise SystemExit(f"--hidden_size={cfg.hidden_size}, --num_attention_heads={cfg.num_attention_heads}, "
                          f"--num_key_value_heads={cfg.num_key_value_heads}: each must divide the one before")
+    if (cfg.hidden_size // cfg.num_attention_heads) % 2:        # rotary embeddings rotate pairs of dimensions
+        raise SystemExit(f"--hidden_size={cfg.hidden_size} / --num_attention_heads={cfg.num_attention_heads}: "
+                         "expected an even head size")
     if cfg.device and not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
         raise SystemExit(f"--device={cfg.device}: expected cpu, cuda or cuda:N (or nothing: cuda when available)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device={cfg.device}: this machine has no CUDA device")
+    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"--device={cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices")
     if cfg.resume and cfg.overwrite:
         raise SystemExit("--resume and --overwrite: expected one of them (go on with a run, or start it over)")
 
@@ -338,12 +367,18 @@ def _check_files(cfg):
             raise SystemExit(f"--{k}={getattr(cfg, k)}: no such file")
     if cfg.test_data and not cfg.data:
         raise SystemExit(f"--test_data={cfg.test_data}: expected --data too (the built-in task makes its own test set)")
+    if cfg.base and not os.path.isdir(base_path(cfg)):
+        raise SystemExit(f"--base={cfg.base}: no such directory (--base= pretrains a new base model)")
     if not cfg.model:
         return cfg.max_position_embeddings
     try:
-        mcfg, tok = load_config(cfg.model), Tokenizer.from_pretrained(cfg.model)
+        mcfg, _ = load_config(cfg.model), weight_files(cfg.model)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model={cfg.model}: {e}") from None
+    try:
+        tok = Tokenizer.from_pretrained(cfg.model)
+    except Exception as e:          # the tokenizers library raises a bare Exception for a bad tokenizer.json
+        raise SystemExit(f"--model={cfg.model}: tokenizer: {str(e).splitlines()[0]}") from None
     if tok.vocab_size > mcfg.vocab_size:
         raise SystemExit(f"--model={cfg.model}: the tokenizer has {tok.vocab_size} tokens, the model's embedding "
                          f"{mcfg.vocab_size} rows")
@@ -377,6 +412,11 @@ def check_config(cfg, names, world):
     if need >= positions:
         raise SystemExit(f"generation budgets (eval_max_new_tokens, rl_max_new_tokens, synth_max_new_tokens) need "
                          f"~{need} positions before the prompt; the model has max_position_embeddings={positions}")
+
+
+def base_path(cfg):
+    """The directory --base names; a relative one is inside the repository (the shipped assets/base)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), cfg.base)
 
 
 def group_of(cfg, stage):

@@ -100,7 +100,7 @@ def write_results(out, rows):
         json.dump({"stages": rows}, f, indent=2)
     fmt = lambda k, v: f"{v:.3f}" if k.endswith(("rate", "ok", "1", "right", "wrong")) else f"{v:.1f}"
     lines = ["| stage | " + " | ".join(TABLE) + " |", "|" + "---|" * (len(TABLE) + 1)]
-    name = lambda r: r["name"] + (f" (stale: {', '.join(r['stale'])} remade since)" if r.get("stale") else "")
+    name = lambda r: r["name"] + (f" (stale via {', '.join(r['stale'])})" if r.get("stale") else "")
     lines += ["| " + name(r) + " | " + " | ".join(fmt(k, r[k]) for k in TABLE) + " |" for r in rows]
     table = "\n".join(lines)
     with open(os.path.join(out, "results.md"), "w") as f:

@@ -305,7 +305,7 @@ def load_pretrained(cls, path, device=None, dtype=None):
     return model.to(device) if device is not None else model
 
 
-def _weight_files(path):
+def weight_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as fh:
@@ -325,7 +325,7 @@ def load_weights(model: nn.Module, path):
     params = dict(model.state_dict(keep_vars=True))
     tied = getattr(model.cfg, "tie_word_embeddings", False)
     seen = set()
-    for file in _weight_files(path):
+    for file in weight_files(path):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 if name not in params:

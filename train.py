@@ -41,7 +41,7 @@ import rae
 import rl
 import rlt
 import rollout
-from config import check_config, group_of, parse_args
+from config import base_path, check_config, group_of, parse_args
 from eval import evaluate, write_results
 from model import ModelConfig, Transformer, ValueModel, num_params
 from rollout import sampler_for
@@ -142,7 +142,7 @@ def shipped_base(cfg):
     """The directory of the shipped base model if it was pretrained with this run's task, model and
     pretraining options (its nanosatori.json), else None. Neither the seed (it varies the stages
     after the base) nor n_test (held-out problems are drawn beside the same training ones) matter."""
-    path = cfg.base if os.path.isabs(cfg.base) else os.path.join(os.path.dirname(os.path.abspath(__file__)), cfg.base)
+    path = base_path(cfg)
     meta = os.path.join(path, "nanosatori.json")
     if not cfg.base or cfg.data or not os.path.isfile(meta):    # a user's data needs its own base
         return None
@@ -204,8 +204,6 @@ def stage_sft(cfg, state):
     """Format tuning: the base + COAT tokens, SFT on demos.jsonl, wrong steps that a demonstration
     corrects masked out of the loss (coat.demo_example) -> out/format_tuned."""
     path = demos_path(cfg)
-    if not os.path.isfile(path):
-        raise SystemExit(f"sft: {path} does not exist; run --stages=synthesize first")
     model, tok = with_coat_tokens(*load_stage(cfg, "base"))
     demos = coat.read_demos(path)
     if not demos:
@@ -371,7 +369,7 @@ def stage_eval(cfg, state):
         model, tok = load_stage(cfg, name)
         m = evaluate(model, tok, state["test"], max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch)
         rows.append({"name": name, **m, "stale": stale.get(name, [])})
-        note = f"; stale: made from an older {', '.join(stale[name])}" if name in stale else ""
+        note = f"; stale via {', '.join(stale[name])} (remade, or stale itself, since)" if name in stale else ""
         state["log"](f"eval {name}: pass@1 {m['pass_at_1']:.3f} on {m['n']} problems ({time.time() - t0:.0f}s){note}",
                      stage="eval", model=name, **m)
         del model
@@ -400,6 +398,26 @@ DEFAULT_STAGES = ["pretrain", "synthesize", "sft", "orm", "rl", "distill", "rl2"
 READ_ONLY = {"eval"}      # a run of only these leaves progress.json and out/ckpt alone
 
 
+def missing_input(cfg, names, done):
+    """A one-line error for the first thing a stage of the run reads that neither --out holds nor an
+    earlier stage of the run makes, else None. A stage can do without the ORM (its critic then
+    starts from the policy), round 1's critic, and the RAE buffer with --rae=false; eval reads what
+    it finds."""
+    optional = {"orm", "rl_round1/critic"} | (set() if cfg.rae else {"orm/rae.jsonl"})
+    made = set()
+    for name in names:
+        for read in STAGES[name][1] if name not in done and name != "eval" else ():
+            top, _, rest = read.partition("/")
+            present = any(os.path.exists(os.path.join(d, rest) if rest else d)
+                          for d in (stage_dir(cfg, top), stage_dir(cfg, top) + ".old"))   # .old: see restore_dir
+            if read not in optional | made and not present:
+                maker = next(n for n, (_, _, writes) in STAGES.items() if read in writes)
+                return (f"--stages={','.join(names)}: stage {name} reads {read}, which is not in {cfg.out}; "
+                        f"run stage {maker} first")
+        made.update(STAGES[name][2])
+    return None
+
+
 def main(argv):
     """Run the stages argv asks for. Every option and input file is checked first: a bad one raises
     SystemExit with one line before --out is touched."""
@@ -411,6 +429,10 @@ def main(argv):
         raise SystemExit(f"--stages: unknown stage {unknown[0]!r}; expected some of {', '.join(STAGES)}")
     check_config(cfg, names, world)
     train, test, rl_questions = data.load_problems(cfg, need_solutions="pretrain" in names and not cfg.model)
+    prev = checkpoint.read_progress(cfg.out) if cfg.resume else None
+    missing = missing_input(cfg, names, prev["done"] if prev else [])
+    if missing:
+        raise SystemExit(missing)
     checkpoint.check_writable(cfg.out, cfg.min_free_gb * 2**30)
     # a run of read-only stages (eval) leaves the record of the run in --out, and its checkpoints, alone
     progress = None
@@ -465,7 +487,8 @@ def cli(argv):
             debug = False
         if debug:
             traceback.print_exc()
-        print(f"error: {e.code}", file=sys.stderr)
+        who = f" (rank {parallel.rank()})" if parallel.world() > 1 else ""
+        print(f"error{who}: {e.code}", file=sys.stderr)
         return 2
     return 0
 

@@ -256,7 +256,8 @@ def test_resume_reads_progress_written_under_old_option_names(tmp_path):
 
 def test_provenance_marks_outputs_made_from_a_remade_input(tmp_path):
     """stale: an output whose input was remade since, and everything made from it, is stale; an
-    output without provenance, or an input not given, is not judged."""
+    output without provenance, or an input without an id (a user's model, an old output, one not
+    given), is not judged."""
     d = {n: str(tmp_path / n) for n in ("base", "tuned", "rl", "distilled", "rl2")}
     for n in d.values():
         os.makedirs(n)
@@ -265,13 +266,13 @@ def test_provenance_marks_outputs_made_from_a_remade_input(tmp_path):
     checkpoint.write_provenance(d["tuned"], "sft", ids("base"))
     checkpoint.write_provenance(d["rl"], "rl", ids("tuned"))
     checkpoint.write_provenance(d["distilled"], "distill", ids("rl", "base"))
-    checkpoint.write_provenance(d["rl2"], "rl2", {**ids("distilled", "rl"), "elsewhere": "x"})
+    checkpoint.write_provenance(d["rl2"], "rl2", {**ids("distilled", "rl"), "elsewhere": "x", "user_model": None})
     assert checkpoint.stale(d) == {}
     checkpoint.write_provenance(d["rl"], "rl", ids("tuned"))         # rl ran again
     assert checkpoint.stale(d) == {"distilled": ["rl"], "rl2": ["distilled", "rl"]}
-    os.remove(os.path.join(d["distilled"], "provenance.json"))       # not judged, but rl2 still is
-    assert checkpoint.stale(d) == {"rl2": ["distilled", "rl"]}
-    assert checkpoint.output_id(d["distilled"]) == os.path.abspath(d["distilled"])
+    os.remove(os.path.join(d["distilled"], "provenance.json"))       # not judged, nor judged by; rl2 still is
+    assert checkpoint.stale(d) == {"rl2": ["rl"]}
+    assert checkpoint.output_id(d["distilled"]) is None and checkpoint.output_id(str(tmp_path / "none")) is None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import pytest
 import config
 import train
 from config import Config, parse_args
+from model import ModelConfig, Transformer
+from tokenizer import build_task_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,9 +24,13 @@ def test_both_forms_bare_flags_and_no_flags():
     assert cfg.no_eos_penalty == -2.0 and cfg.betas == (0.9, 0.99) and cfg.rae is False and cfg.expo is True
     assert parse_args(["--debug"]).debug and parse_args(["--debug", "--seed=1"]).debug   # a flag before an option
     assert parse_args(["--rl-steps", "3"]).rl_steps == 3                                   # dashes as underscores
+    assert parse_args(["--base", ""]).base == "" and parse_args(["--seed", "-1"]).seed == -1   # not options
     for argv, msg in ((["--rl_step=3"], "unknown option --rl_step; did you mean --rl_steps?"),
+                      (["--rl_stepz"], "unknown option --rl_stepz; did you mean --rl_steps?"),
+                      (["--no-cuda-graph", "--seed", "1"], "did you mean --no-cuda_graphs?"),
                       (["--zzz=1"], "unknown option --zzz; --help lists them"),
                       (["--rl_steps"], "--rl_steps: expected a value"),
+                      (["--out", "--resume"], "--out: expected a value"),
                       (["--resume=maybe"], "--resume=maybe: expected true or false"),
                       (["rl_steps=3"], "bad argument 'rl_steps=3'"),
                       (["--rl_samples=2"], "--rl_samples is now --rl_group")):
@@ -55,8 +61,14 @@ def test_config_file_json_and_toml_the_command_line_wins(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"rl_stepz": 1}))
     (tmp_path / "c.json").write_text(json.dumps({"rl_steps": "many"}))
     (tmp_path / "d.json").write_text("{oops")
-    for name, msg in (("b.json", "did you mean --rl_steps"), ("c.json", "rl_steps = 'many': expected a int"),
-                      ("d.json", "cannot read it"), ("missing.json", "cannot read it")):
+    (tmp_path / "e.json").write_text(json.dumps({"betas": 0.9}))
+    (tmp_path / "f.json").write_text(json.dumps({"sft_lr": True}))
+    (tmp_path / "g.json").write_text(json.dumps({"rae": 1}))
+    assert parse_args([f"--config={tmp_path / 'a.json'}", "--betas=0.5,0.6"]).betas == (0.5, 0.6)
+    for name, msg in (("b.json", "did you mean --rl_steps"), ("c.json", "rl_steps = 'many': expected an integer"),
+                      ("d.json", "cannot read it"), ("missing.json", "cannot read it"),
+                      ("e.json", "betas = 0.9: expected numbers"), ("f.json", "sft_lr = True: expected a number"),
+                      ("g.json", "rae = 1: expected true or false")):
         with pytest.raises(SystemExit, match=msg):
             parse_args([f"--config={tmp_path / name}"])
 
@@ -81,6 +93,13 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
                     ["{bad"] * 12)
     model = tmp_path / "not_a_model"
     model.mkdir()
+    no_weights, bad_tok = tmp_path / "no_weights", tmp_path / "bad_tok"
+    for d in (no_weights, bad_tok):
+        Transformer(ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1)).save_pretrained(str(d))
+        build_task_tokenizer(["Step 1: 1 + 1 = 2."] * 3, vocab_size=60).save_pretrained(str(d))
+    os.remove(no_weights / "model.safetensors")
+    (bad_tok / "tokenizer.json").write_text("{not json")
     out = tmp_path / "run"
     cases = [
         (["--rl_steps=-1"], "--rl_steps=-1: expected an integer >= 1"),
@@ -102,6 +121,11 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
         ([f"--data={tmp_path / 'nope.jsonl'}"], "nope.jsonl: no such file"),
         ([f"--test_data={small}"], "expected --data too"),
         ([f"--model={model}"], "no config.json"),
+        ([f"--model={no_weights}"], "no model.safetensors"),
+        ([f"--model={bad_tok}"], f"--model={bad_tok}: tokenizer: "),
+        (["--base=nowhere"], "--base=nowhere: no such directory"),
+        (["--hidden_size=12", "--num_attention_heads=4"], "expected an even head size"),
+        (["--stages=sft"], "stage sft reads base, which is not in"),
         ([f"--data={small}", "--model=", "--stages=eval"], "40 problems, and --n_test=1000 of them are held out"),
         ([f"--data={small}", "--n_test=5"], "40 problems have no 'solution'; pretraining a base model needs worked"),
         ([f"--data={broken}", "--n_test=1"], None),

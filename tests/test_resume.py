@@ -186,3 +186,16 @@ def test_checkpoints_of_an_old_run_are_kept_and_stage_swap_recovers(prepared, tm
     assert os.path.isdir(os.path.join(out, "format_tuned")) and not os.path.exists(os.path.join(out, "format_tuned.old"))
     assert rl.algo_config(config.Config(reward_clip=0), 1).reward_clip is None
     assert rl.algo_config(config.Config(), 1).reward_clip == 10.0
+
+
+def test_resume_may_move_the_run_and_change_how_it_runs(tmp_path):
+    """Options that say how to run (where, how often to checkpoint or log, disk headroom) may change
+    on --resume; the finished stage is skipped."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main([f"--out={a}", "--stages=pretrain"] + TINY)
+    os.replace(a, b)
+    train.main([f"--out={b}", "--stages=pretrain,eval", "--resume"] + TINY + ["--ckpt_every=7", "--log_every=3",
+                                                                          "--min_free_gb=0"])
+    assert json.load(open(b / "progress.json"))["done"] == ["pretrain", "eval"]
+    with pytest.raises(SystemExit, match="--seed=0 \\(now 1\\)"):
+        train.main([f"--out={b}", "--stages=pretrain", "--resume", "--seed=1"] + TINY)

@@ -28,7 +28,7 @@ def test_parse_args_types_and_errors():
     assert Config().seed == 0                                   # defaults untouched
     with pytest.raises(SystemExit, match="unknown option --nope"):
         parse_args(["--nope=1"])
-    with pytest.raises(SystemExit, match="--seed=abc: expected a int"):
+    with pytest.raises(SystemExit, match="--seed=abc: expected an integer"):
         parse_args(["--seed=abc"])
     with pytest.raises(SystemExit, match="--key=value"):
         parse_args(["seed=1"])
@@ -44,9 +44,22 @@ def test_stage_registry_and_unknown_stage(tmp_path):
         train.main([f"--out={tmp_path}", "--stages=bogus"])
 
 
-def test_sft_stage_needs_demos(tmp_path):
-    with pytest.raises(SystemExit, match="demos.jsonl does not exist"):
-        train.main([f"--out={tmp_path}", "--stages=sft", "--n_train=10", "--n_test=5"])
+def test_stages_need_their_inputs_before_any_work(tmp_path):
+    """A stage whose input is neither in --out nor made by an earlier stage of the run is refused
+    before --out is written; one that can do without it (the ORM, the RAE buffer with --rae=false)
+    is not."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="stage sft reads base, which is not in .*run; run stage pretrain first"):
+        train.main([f"--out={out}", "--stages=sft"])
+    with pytest.raises(SystemExit, match="stage sft reads synthesize/demos.jsonl, .*; run stage synthesize first"):
+        train.main([f"--out={out}", "--stages=pretrain,sft"])
+    assert not out.exists()
+    cfg = parse_args([f"--out={out}"])
+    assert train.missing_input(cfg, train.DEFAULT_STAGES, []) is None
+    os.makedirs(out / "format_tuned")
+    assert "reads orm/rae.jsonl" in train.missing_input(cfg, ["rl"], [])
+    assert train.missing_input(parse_args([f"--out={out}", "--rae=false"]), ["rl"], []) is None
+    assert train.missing_input(cfg, ["orm", "rl"], []) is None and train.missing_input(cfg, ["eval"], []) is None
 
 
 TINY = ["--n_train=64", "--n_test=4", "--n_rl=64", "--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=1",
@@ -83,7 +96,7 @@ def test_tiny_chain(tmp_path):
     train.main([f"--out={out}", "--stages=pretrain,eval"] + TINY + ["--seed=1"])
     res = json.load(open(os.path.join(out, "results.json")))
     assert [(r["name"], r["stale"]) for r in res["stages"]] == [("base", []), ("format_tuned", ["base", "synthesize"])]
-    assert "| format_tuned (stale: base, synthesize remade since) |" in open(os.path.join(out, "results.md")).read()
+    assert "| format_tuned (stale via base, synthesize) |" in open(os.path.join(out, "results.md")).read()
 
 
 def pretrain_and_fake_format_tuned(out, args):
