@@ -170,12 +170,12 @@ def _logprob_inputs(n, vocab, hidden, device, dtype):
 
 def _logprob_step(variant, h, w, t):
     """Forward + backward of sum(log p(target)); returns (log-probs, grad of hidden)."""
-    import kernels
+    import logprobs
     h.grad = w.grad = None
     if variant == "naive":     # the [N, V] logits and log-softmax, as most trainers write it
         lp = torch.log_softmax((h @ w.T).float(), dim=-1).gather(1, t[:, None])[:, 0]
     else:
-        lp = kernels.token_logprobs(h, w, t)
+        lp = logprobs.token_logprobs(h, w, t)
     lp.sum().backward()
     return lp.detach(), h.grad
 
@@ -195,7 +195,7 @@ def _logprob_worker(variant, n, vocab, hidden):
 
 def bench_logprob(args):
     """Log-probs of N tokens over a V vocabulary (hidden H), forward + backward (grads of hidden and
-    weight): naive log_softmax(hidden @ weight.T).gather vs kernels.token_logprobs. On CPU (fp32, the
+    weight): naive log_softmax(hidden @ weight.T).gather vs logprobs.token_logprobs. On CPU (fp32, the
     chunked torch path) each variant runs in its own process and its peak is the growth of max RSS
     beyond the inputs; on CUDA (bf16, the Triton kernels) torch.cuda.max_memory_allocated beyond the
     inputs, timed with CUDA events (median of --repeat after a warm-up)."""
@@ -240,7 +240,7 @@ def bench_logprob(args):
     res["time_ratio"] = ours["s"] / naive["s"]
     print(f"logprob fwd+bwd on {res['machine']} ({res['device']}, {res['dtype']}): N={n} V={vocab} H={hidden}")
     print(f"  naive log_softmax+gather  peak {naive['peak_mb']:9.0f} MB  {naive['s']:8.3f} s")
-    print(f"  kernels.token_logprobs    peak {ours['peak_mb']:9.0f} MB  {ours['s']:8.3f} s")
+    print(f"  logprobs.token_logprobs    peak {ours['peak_mb']:9.0f} MB  {ours['s']:8.3f} s")
     print(f"  ours / naive              peak {res['peak_ratio']:9.3f}     time {res['time_ratio']:6.2f}x")
     print(f"  agreement: sum log p {naive['logp_sum']:.6g} vs {ours['logp_sum']:.6g}, "
           f"|grad hidden| {naive['grad_hidden_norm']:.6g} vs {ours['grad_hidden_norm']:.6g}")
@@ -445,7 +445,7 @@ def gpu_logprob():
 
 
 def _logprob_case(dev, N, V, H, dtype, naive):
-    import kernels
+    import logprobs
     g = torch.Generator(device=dev).manual_seed(0)
     h = torch.empty(N, H, device=dev, dtype=dtype).normal_(generator=g).requires_grad_()
     w = torch.empty(V, H, device=dev, dtype=dtype).normal_(0, H ** -0.5, generator=g).requires_grad_()
@@ -454,7 +454,7 @@ def _logprob_case(dev, N, V, H, dtype, naive):
     def step():
         h.grad = w.grad = None
         lp = (torch.log_softmax((h @ w.T).float(), -1).gather(1, t[:, None])[:, 0] if naive
-              else kernels.token_logprobs(h, w, t))
+              else logprobs.token_logprobs(h, w, t))
         lp.sum().backward()
     s = _best(step, 3)
     peak = None

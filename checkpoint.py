@@ -203,8 +203,8 @@ def resume(root, models, optimizers, stage, steps, log=print):
             rec = json.load(f)
         meta = rec.get("meta", {})
         if (meta.get("stage"), meta.get("steps")) != (stage, steps):
-            raise SystemExit(f"{path}: checkpoint of stage {meta.get('stage')!r} with {meta.get('steps')} steps, but this "
-                             f"run is {stage!r} with {steps} steps (other data or config?): use another --out")
+            raise SystemExit(f"{path}: checkpoint of stage {meta.get('stage')!r} with {meta.get('steps')} steps, but "
+                             f"this run is {stage!r} with {steps} steps (other data or config?): use another --out")
         if rec.get("world_size") != parallel.world():
             raise SystemExit(f"{path}: written by {rec.get('world_size')} processes, this run has {parallel.world()}; "
                              "resume with the same number of processes")

@@ -307,7 +307,8 @@ RANGES = {
             "grpo_group rlsp_max_steps rlt_questions rlt_warm_batch_tokens rlt_steps rlt_group rlt_max_new_tokens "
             "rlt_distill_questions rlt_student_steps distill_questions distill_group distill_batch_tokens rl2_steps "
             "rl2_group eval_max_new_tokens gen_batch eval_batch",
-    ">= 0": "seed ckpt_every rl_ckpt_every ckpt_keep task_min_steps n_rl rae_max_back dapo_overlong_buffer dapo_max_refills min_free_gb "
+    ">= 0": "seed ckpt_every rl_ckpt_every ckpt_keep task_min_steps n_rl rae_max_back dapo_overlong_buffer "
+            "dapo_max_refills min_free_gb "
             "pretrain_weight_decay sft_weight_decay orm_margin ent_coef kl_coef reward_clip grpo_kl rlsp_coef "
             "expo_beta rlt_kl rlt_lambda rlt_alpha",
     "> 0": "pretrain_lr sft_lr orm_lr actor_lr critic_lr rlt_warm_lr rlt_lr distill_lr rl2_actor_lr sft_epochs "

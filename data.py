@@ -311,8 +311,8 @@ def load_problems(cfg, need_solutions=False):
         if not cfg.test_data and cfg.n_test >= len(train):
             raise SystemExit(f"--data={cfg.data}: {len(train)} problems, and --n_test={cfg.n_test} of them are held "
                              "out for testing: give a smaller --n_test or a --test_data file")
-        if need_solutions and any(not isinstance(p.get("solution"), str) for p in train):
-            n = sum(not isinstance(p.get("solution"), str) for p in train)
+        n = sum(not isinstance(p.get("solution"), str) for p in train)
+        if need_solutions and n:
             raise SystemExit(f"--data={cfg.data}: {n} of its {len(train)} problems have no 'solution'; pretraining a "
                              "base model needs worked solutions: add them, or give --model=<a Qwen2 directory>")
         if cfg.test_data:

@@ -197,7 +197,7 @@ class Trunk(nn.Module):
 
 class Transformer(nn.Module):
     """Qwen2 causal LM. `hidden()` gives the final hidden states so that losses can fuse the
-    head with the log-softmax (kernels.token_logprobs) instead of materialising [B, T, V]."""
+    head with the log-softmax (logprobs.token_logprobs) instead of materialising [B, T, V]."""
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg

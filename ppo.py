@@ -296,10 +296,10 @@ def _token_positions(r: Rollouts):
 def response_logprobs(model, r: Rollouts, temperature=1.0, with_entropy=False):
     """log pi(token) of every response token, [B, T] (and the entropy, [B, T]), through the fused
     head + log-softmax: the [B, L, V] logits are never built."""
-    import kernels
+    import logprobs
     rows, cols, targets = _token_positions(r)
     h = model.hidden(r.ids)[rows, cols]                                     # [N, H]
-    out = kernels.token_logprobs(h, model.lm_head.weight, targets, temperature, return_entropy=with_entropy)
+    out = logprobs.token_logprobs(h, model.lm_head.weight, targets, temperature, return_entropy=with_entropy)
     lp, ent = out if with_entropy else (out, None)
     scatter = lambda x: torch.zeros_like(r.mask, dtype=x.dtype).index_put((rows, cols - r.prompt_lens[rows] + 1), x)
     return (scatter(lp), scatter(ent)) if with_entropy else scatter(lp)

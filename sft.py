@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-import kernels
+import logprobs
 import parallel
 
 IGNORE = -100   # target of a position that has no loss: prompt, last token of a document, padding
@@ -141,10 +141,10 @@ def collate(rows, units, pad_id=0, device="cpu"):
 
 def sft_loss(model, batch):
     """-sum log p(target) over the batch's response tokens; the head is fused with the log-softmax
-    (kernels.token_logprobs), so [B, T, V] logits never exist."""
+    (logprobs.token_logprobs), so [B, T, V] logits never exist."""
     h = model.hidden(batch.ids, batch.pos, batch.mask)               # [B, T, H]
     sel = batch.targets != IGNORE                                    # [B, T]
-    lp = kernels.token_logprobs(h[sel], model.lm_head.weight, batch.targets[sel])   # [N] fp32
+    lp = logprobs.token_logprobs(h[sel], model.lm_head.weight, batch.targets[sel])   # [N] fp32
     return -lp.sum(), {}
 
 

@@ -80,6 +80,11 @@ def stage_dir(cfg, name):
     return cfg.model if name == "base" and cfg.model else os.path.join(cfg.out, name)
 
 
+def folder(entry):
+    """The top folder of an entry of STAGES' reads or writes: "orm/rae.jsonl" -> "orm"."""
+    return entry.split("/")[0]
+
+
 def load_stage(cfg, name):
     """(model, tokenizer) of out/<name>, in fp32 on the run's device."""
     path = stage_dir(cfg, name)
@@ -361,7 +366,7 @@ def stage_eval(cfg, state):
     """Greedy pass@1 + COAT statistics of every stage model present -> out/results.json, results.md.
     A model made from an output that was remade since (say rl_round2 after rl ran again) is marked
     stale: it does not belong to the chain beside it."""
-    outputs = {w.split("/")[0]: stage_dir(cfg, w.split("/")[0]) for _, _, writes in STAGES.values() for w in writes}
+    outputs = {folder(w): stage_dir(cfg, folder(w)) for _, _, writes in STAGES.values() for w in writes}
     stale = checkpoint.stale(outputs)
     rows = []
     for name in (n for n in EVAL_STAGES if has_model(stage_dir(cfg, n))):
@@ -408,8 +413,8 @@ def missing_input(cfg, names, done):
     for name in names:
         for read in STAGES[name][1] if name not in done and name != "eval" else ():
             top, _, rest = read.partition("/")
-            present = any(os.path.exists(os.path.join(d, rest) if rest else d)
-                          for d in (stage_dir(cfg, top), stage_dir(cfg, top) + ".old"))   # .old: see restore_dir
+            where = stage_dir(cfg, top)
+            present = any(os.path.exists(os.path.join(d, rest)) for d in (where, where + ".old"))   # see restore_dir
             if read not in optional | made and not present:
                 maker = next(n for n, (_, _, writes) in STAGES.items() if read in writes)
                 return (f"--stages={','.join(names)}: stage {name} reads {read}, which is not in {cfg.out}; "
@@ -460,8 +465,8 @@ def main(argv):
         torch.manual_seed(seed)
         random.seed(seed)
         t0 = time.time()
-        reads = {r.split("/")[0] for r in STAGES[name][1]}
-        state.update(stage=name, made_from={r: checkpoint.output_id(stage_dir(cfg, r)) for r in sorted(reads)})
+        reads = sorted({folder(r) for r in STAGES[name][1]})
+        state.update(stage=name, made_from={r: checkpoint.output_id(stage_dir(cfg, r)) for r in reads})
         if progress:
             checkpoint.stage_start(cfg.out, progress, name)
         STAGES[name][0](cfg, state)

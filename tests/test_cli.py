@@ -139,8 +139,8 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
             assert err.startswith("error: ") and err.count("\n") == 1 and msg in err, (argv, err)
     # a data file's bad lines are reported together, up to a limit, one line each
     lines = err.splitlines()
-    assert lines[0] == f"error: {broken}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)" \
-                       '; expected one object per line like {"question": ..., "answer": ...}'
+    assert lines[0] == (f"error: {broken}:2: invalid JSON (Expecting property name enclosed in double quotes at "
+                        'column 2); expected one object per line like {"question": ..., "answer": ...}')
     assert lines[1].startswith(f"{broken}:4: expected an 'answer' field") and lines[2].startswith(f"{broken}:5:")
     assert len(lines) == 11 and lines[-1] == f"{broken}: 5 more bad lines"
 

@@ -1,5 +1,5 @@
-"""kernels.py: the torch references against the plain definitions (in this process), and the Triton
-kernels against the references. Triton reads TRITON_INTERPRET when kernels.py is imported, so on a
+"""kernels.py and logprobs.py: the torch references against the plain definitions (in this process), and
+the Triton kernels against the references. Triton reads TRITON_INTERPRET when kernels.py is imported, so on a
 machine without a GPU the kernel tests (test_kernel_*) run in a subprocess with TRITON_INTERPRET=1
 (test_kernels_under_interpreter); with a GPU, or with TRITON_INTERPRET=1 already set, they run here.
 """
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kernels
+import logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_KERNELS = kernels.HAS_TRITON and (kernels.INTERPRET or torch.cuda.is_available())
@@ -168,7 +169,7 @@ def test_prefill_attention_ref_matches_definition(group):
 
 def test_token_logprobs_with_no_rows():
     w = torch.randn(10, 8, device=DEVICE, requires_grad=True)
-    lp, ent = kernels.token_logprobs(torch.zeros(0, 8, device=DEVICE), w, torch.zeros(0, dtype=torch.long,
+    lp, ent = logprobs.token_logprobs(torch.zeros(0, 8, device=DEVICE), w, torch.zeros(0, dtype=torch.long,
                                                                                       device=DEVICE), return_entropy=True)
     assert lp.shape == ent.shape == (0,)
     lp.sum().backward()
@@ -177,7 +178,7 @@ def test_token_logprobs_with_no_rows():
 
 def test_kernel_choice_from_the_environment():
     code = ("import torch, kernels\n"
-            "assert not kernels._use_triton(torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu'))\n"
+            "assert not kernels.use_triton(torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu'))\n"
             "print('ok')")
     env = dict(os.environ, NANOSATORI_KERNELS="torch", TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -205,21 +206,21 @@ def test_a_kernel_that_fails_falls_back_once(monkeypatch):
     def buggy():
         raise TypeError("a wrong launch argument")
     with pytest.warns(UserWarning, match="the Triton toy kernel failed"):
-        assert kernels._launch("toy", broken, lambda: "ref") == "ref"
-    assert "toy" in kernels._failed and not kernels._use_triton(torch.zeros(1), "toy")
+        assert kernels.run_kernel("toy", broken, lambda: "ref") == "ref"
+    assert "toy" in kernels._failed and not kernels.use_triton(torch.zeros(1), "toy")
     with pytest.raises(TypeError):                 # not a compile failure: a bug, never hidden
-        kernels._launch("buggy", buggy, lambda: "ref")
+        kernels.run_kernel("buggy", buggy, lambda: "ref")
     monkeypatch.setattr(kernels, "KERNELS", "triton")
     with pytest.raises(CompileError, match="PTX"):
-        kernels._launch("other", broken, lambda: "ref")
+        kernels.run_kernel("other", broken, lambda: "ref")
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_token_logprobs_ref_matches_definition(temperature, monkeypatch):
-    monkeypatch.setattr(kernels, "LOGPROB_CHUNK_BYTES", 200 * 4 * 8)    # chunks of 8 tokens
+    monkeypatch.setattr(logprobs, "LOGPROB_CHUNK_BYTES", 200 * 4 * 8)    # chunks of 8 tokens
     hidden, weight, targets = _lp_case()
     g_lp, g_ent = torch.randn(37).to(DEVICE), torch.randn(37).to(DEVICE)
-    ref = lambda h, w, t, T: kernels.token_logprobs_ref(h, w, t, T, return_entropy=True)
+    ref = lambda h, w, t, T: logprobs.token_logprobs_ref(h, w, t, T, return_entropy=True)
     got = _grads(ref, hidden, weight, targets, temperature, g_lp, g_ent)
     want = _grads(logprobs_def, hidden.double(), weight.double(), targets, temperature, g_lp, g_ent)
     for a, b in zip(got, want):
@@ -233,18 +234,18 @@ def test_token_logprobs_ref_matches_definition(temperature, monkeypatch):
 
 def test_token_logprobs_ref_extreme_logits_and_shapes():
     hidden, weight, targets = _lp_case(scale=1e3)        # logits ~ 1e3: naive exp would overflow
-    lp, ent = kernels.token_logprobs_ref(hidden, weight, targets, return_entropy=True)
+    lp, ent = logprobs.token_logprobs_ref(hidden, weight, targets, return_entropy=True)
     want_lp, want_ent = logprobs_def(hidden.double(), weight.double(), targets)
     _close(lp, want_lp, 1e-3)
     _close(ent, want_ent, 1e-3)
     # [B, T, H] hidden and [B, T] targets keep their leading shape
-    lp2 = kernels.token_logprobs(hidden.view(1, 37, 40), weight, targets.view(1, 37))
+    lp2 = logprobs.token_logprobs(hidden.view(1, 37, 40), weight, targets.view(1, 37))
     assert lp2.shape == (1, 37)
 
 
 def test_token_logprobs_ref_bf16():
     hidden, weight, targets = _lp_case(dtype=torch.bfloat16)
-    lp = kernels.token_logprobs_ref(hidden, weight, targets)
+    lp = logprobs.token_logprobs_ref(hidden, weight, targets)
     lp.sum().backward()
     assert lp.dtype == torch.float32 and weight.grad.dtype == torch.bfloat16
     _close(lp, logprobs_def(hidden.double(), weight.double(), targets)[0], 2e-2)
@@ -253,15 +254,15 @@ def test_token_logprobs_ref_bf16():
 def test_dispatch_off_cuda_uses_references():
     if kernels.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1: kernels run on CPU tensors")
-    assert not kernels._use_triton(torch.zeros(1))
+    assert not kernels.use_triton(torch.zeros(1))
 
 
 def test_import_without_triton():
     code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
-            "import torch, kernels\n"
+            "import torch, kernels, logprobs\n"
             "assert not kernels.HAS_TRITON\n"
             "h, w = torch.randn(3, 8, requires_grad=True), torch.randn(10, 8)\n"
-            "kernels.token_logprobs(h, w, torch.tensor([1, 2, 3])).sum().backward()\n"
+            "logprobs.token_logprobs(h, w, torch.tensor([1, 2, 3])).sum().backward()\n"
             "print('ok')")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -340,12 +341,12 @@ def test_kernel_decode_attention_extreme_scores():
 @needs_triton
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_kernel_token_logprobs(temperature, monkeypatch):
-    monkeypatch.setattr(kernels, "LOGPROB_CHUNK_BYTES", 200 * 4 * 16)   # backward in 3 chunks
+    monkeypatch.setattr(logprobs, "LOGPROB_CHUNK_BYTES", 200 * 4 * 16)   # backward in 3 chunks
     hidden, weight, targets = _lp_case()
     g = torch.Generator().manual_seed(2)
     g_lp, g_ent = torch.randn(37, generator=g).to(DEVICE), torch.randn(37, generator=g).to(DEVICE)
-    fused = lambda h, w, t, T: kernels.token_logprobs(h, w, t, T, return_entropy=True)
-    ref = lambda h, w, t, T: kernels.token_logprobs_ref(h, w, t, T, return_entropy=True)
+    fused = lambda h, w, t, T: logprobs.token_logprobs(h, w, t, T, return_entropy=True)
+    ref = lambda h, w, t, T: logprobs.token_logprobs_ref(h, w, t, T, return_entropy=True)
     for g_e in (g_ent, None):                              # with and without the entropy's gradient
         got = _grads(fused, hidden, weight, targets, temperature, g_lp, g_e)
         want = _grads(ref, hidden, weight, targets, temperature, g_lp, g_e)
@@ -356,7 +357,7 @@ def test_kernel_token_logprobs(temperature, monkeypatch):
 @needs_triton
 def test_kernel_token_logprobs_extreme_logits():
     hidden, weight, targets = _lp_case(N=20, V=130, scale=1e3)
-    got = _grads(lambda h, w, t, T: kernels.token_logprobs(h, w, t, T, return_entropy=True),
+    got = _grads(lambda h, w, t, T: logprobs.token_logprobs(h, w, t, T, return_entropy=True),
                  hidden, weight, targets, 1.0, torch.ones(20, device=DEVICE), None)
     want = _grads(lambda h, w, t, T: logprobs_def(h, w, t, T),
                   hidden.double(), weight.double(), targets, 1.0, torch.ones(20, device=DEVICE), None)
@@ -367,14 +368,14 @@ def test_kernel_token_logprobs_extreme_logits():
 @needs_triton
 def test_kernel_token_logprobs_small_batch():
     hidden, weight, targets = _lp_case(N=1, V=300)         # the sampler's case: splits of the vocab
-    _close(kernels.token_logprobs(hidden, weight, targets),
+    _close(logprobs.token_logprobs(hidden, weight, targets),
            logprobs_def(hidden.double(), weight.double(), targets)[0], 1e-4)
 
 
 @needs_triton
 def test_kernel_token_logprobs_bf16():
     hidden, weight, targets = _lp_case(N=20, V=130, dtype=torch.bfloat16)
-    lp, ent = kernels.token_logprobs(hidden, weight, targets, return_entropy=True)
+    lp, ent = logprobs.token_logprobs(hidden, weight, targets, return_entropy=True)
     (lp.sum() + ent.sum()).backward()
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
     want = _grads(lambda h, w, t, T: logprobs_def(h, w, t, T), hidden.double(), weight.double(),

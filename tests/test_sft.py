@@ -75,7 +75,7 @@ def test_loss_mask():
     # gradient check: the loss gradient w.r.t. the logits of prompt positions is zero
     h = model.hidden(torch.tensor([p + r])).detach().requires_grad_()
     sel = b.targets != sft.IGNORE
-    lp = sft.kernels.token_logprobs(h[sel], model.lm_head.weight, b.targets[sel])
+    lp = sft.logprobs.token_logprobs(h[sel], model.lm_head.weight, b.targets[sel])
     (-lp.sum()).backward()
     assert h.grad[0, :len(p) - 1].abs().sum() == 0 and h.grad[0, len(p) - 1:-1].abs().sum() > 0
     changed, _ = sft.sft_loss(model, batch_of([(p, [9, 10, 12])], [[0]]))
