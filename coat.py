@@ -180,7 +180,7 @@ def sampler_generator(sampler, stop_ids):
 
 
 def synthesize_coat(generator, tok, problems, cfg=None, critic=None, verifier=None, scorer=None,
-                    seed=0, log=print):
+                    seed=0, log=print, stats=None):
     """COAT demonstrations for problems (dicts with "question" and "answer"; built-in task problems
     also get exact step checks). Returns records {"question", "answer", "prompt", "response",
     "type"} with response = COAT text + tok.eos_token and type one of COAT_TYPES.
@@ -203,12 +203,14 @@ def synthesize_coat(generator, tok, problems, cfg=None, critic=None, verifier=No
          grades right) and satisfy reward.coat_grammar_ok are kept; then one per type per question.
     On a user's data (answer_critic, no verifier) only no_reflect, correct_once and correct_twice
     arise, and a correction redoes the last step: the critic knows the answer, not where it went
-    wrong. Pass your own critic / verifier to do better."""
+    wrong. Pass your own critic / verifier to do better. stats: a Counter that receives the counts
+    (samples; boxed: samples with a \\boxed{} answer; right; corrections tried and fixed; ...)."""
     cfg = cfg or SynthConfig()
     if not 0 <= cfg.max_rounds <= 2:
         raise ValueError(f"max_rounds must be 0, 1 or 2 (Satori's five types), got {cfg.max_rounds}")
     critic, verifier = critic or default_critic, verifier or default_verifier
-    rng, stats, records, t0 = random.Random(seed), Counter(), [], time.time()
+    stats = Counter() if stats is None else stats
+    rng, records, t0 = random.Random(seed), [], time.time()
     for ci, c0 in enumerate(range(0, len(problems), cfg.chunk)):
         chunk = problems[c0:c0 + cfg.chunk]
         prompts = [tok.encode_prompt(p["question"]) for p in chunk]
@@ -220,7 +222,7 @@ def synthesize_coat(generator, tok, problems, cfg=None, critic=None, verifier=No
         log(f"synthesize: {c0 + len(chunk)}/{len(problems)} questions, {len(records)} "
             f"demonstrations, {time.time() - t0:.0f}s, eta {eta:.0f}s")
     s = stats
-    log(f"synthesize: {s['samples']} samples, {s['right']} right; corrections: round 1 "
+    log(f"synthesize: {s['samples']} samples, {s['boxed']} with a \\boxed{{}} answer, {s['right']} right; corrections: round 1 "
         f"{s['fixed1']}/{s['tried1']} fixed, round 2 {s['fixed2']}/{s['tried2']}; {s['bad']} failed the "
         f"final check; kept {dict(synthesize_stats(records))} in {time.time() - t0:.0f}s")
     return records
@@ -235,8 +237,10 @@ def _first_attempts(generator, tok, chunk, prompts, cfg, critic, verifier, rng, 
     for q, p in enumerate(chunk):
         right, wrong = [], []    # no de-duplication: on the built-in task every right sample is the same text
         for ids in outs[q * n:(q + 1) * n]:
-            steps, sep = split_cot(tok.decode(ids))
+            text = tok.decode(ids)
+            steps, sep = split_cot(text)
             stats["samples"] += 1
+            stats["boxed"] += extract_answer(text) is not None
             if steps:
                 verdict = critic(p, steps)
                 (right if verdict is None else wrong).append((steps, sep, verdict))

@@ -7,6 +7,7 @@ any work, options that cannot work.
     python train.py --config run.json --seed 1        # options from a JSON or TOML file; the command line wins
 """
 import difflib
+import importlib.util
 import inspect
 import json
 import math
@@ -19,7 +20,7 @@ import torch
 
 from model import load_config, weight_files
 from rl import ALGOS
-from tokenizer import Tokenizer
+from tokenizer import PROMPT_STYLES, Tokenizer
 
 @dataclass
 class Config:
@@ -37,11 +38,14 @@ class Config:
     ckpt_keep: int = 2            # newest checkpoints kept per loop (a finished stage keeps its output only)
     min_free_gb: float = 1.0      # refuse to start with less free disk under --out
     cuda_graphs: bool = True      # samplers replay their decode step as CUDA graphs on CUDA (false: eager, to debug)
+    tensorboard: bool = False     # also write metrics as TensorBoard scalars to out/tensorboard (needs the tensorboard package)
     tf32: bool = True             # on CUDA, fp32 matmuls (model and kernels) on TF32 tensor cores: ~8x faster, 10-bit mantissa
     # a user's model and data instead of the built-in ones
     model: str = ""               # HF Qwen2 directory used as the base model (skips pretraining)
-    data: str = ""                # JSONL of training questions ({"question","answer"} per line)
+    data: str = ""                # JSONL of problems: {"question","answer"}, GSM8K or MATH lines
     test_data: str = ""           # JSONL of held-out questions; "" = the last n_test of `data`
+    demos: str = ""               # JSONL of your own demonstrations for format tuning, in place of synthesized ones
+    prompt: str = "satori"        # satori: Satori's ChatML prompt; chat_template: its words in the tokenizer's chat template
     # the built-in task (data.TaskConfig): a chain of arithmetic operations
     task_n_steps: int = 3
     task_min_steps: int = 2       # > 0: the number of operations is uniform in [min_steps, n_steps]
@@ -51,7 +55,7 @@ class Config:
     task_mul_max: int = 5
     task_max_value: int = 99
     n_train: int = 20000          # problems with solutions: pretraining, COAT synthesis, format tuning
-    n_test: int = 1000            # held-out problems (a standard error of ~1.4 points on pass@1 ~0.75)
+    n_test: int = 0               # held-out problems; 0 = 1000 on the built-in task, a tenth of --data (<= 1000), or all of --test_data
     n_rl: int = 30000             # further questions, answers only, for ORM/RAE, RL, distillation; 0: the n_train
     # the built-in base model (a small Qwen2): the shipped one, or pretrained by stage pretrain
     base: str = "assets/base"     # shipped base, used when made with this run's options; --base= pretrains one
@@ -170,7 +174,7 @@ RENAMED = {"rl_samples": "rl_group", "rl2_samples": "rl2_group", "group_size": "
            "rae_samples": "rae_group", "distill_samples": "distill_group", "synth_samples": "synth_group"}
 # options that say how to run, not what to compute: a resumed run may change them
 NOT_SIGNATURE = ("stages", "resume", "device", "overwrite", "config", "debug", "out", "min_free_gb", "ckpt_every",
-                 "rl_ckpt_every", "ckpt_keep", "log_every", "cuda_graphs")
+                 "rl_ckpt_every", "ckpt_keep", "log_every", "cuda_graphs", "tensorboard")
 
 
 def _what(typ):
@@ -300,14 +304,14 @@ def help_text():
 # the range of every number option (a test holds each int and float field of Config to one)
 RANGES = {
     ">= 1": "task_n_steps task_start_max task_max_operand task_mul_max task_max_value "
-            "n_train n_test vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
+            "n_train vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
             "num_key_value_heads max_position_embeddings pretrain_steps pretrain_batch_tokens synth_questions "
             "synth_group synth_max_new_tokens sft_batch_tokens grad_accum log_every rae_questions rae_group "
             "orm_batch_tokens rl_steps rl_batch rl_group rl_max_new_tokens ppo_epochs minibatch_size micro_batch "
             "grpo_group rlsp_max_steps rlt_questions rlt_warm_batch_tokens rlt_steps rlt_group rlt_max_new_tokens "
             "rlt_distill_questions rlt_student_steps distill_questions distill_group distill_batch_tokens rl2_steps "
             "rl2_group eval_max_new_tokens gen_batch eval_batch",
-    ">= 0": "seed ckpt_every rl_ckpt_every ckpt_keep task_min_steps n_rl rae_max_back dapo_overlong_buffer "
+    ">= 0": "seed n_test ckpt_every rl_ckpt_every ckpt_keep task_min_steps n_rl rae_max_back dapo_overlong_buffer "
             "dapo_max_refills min_free_gb "
             "pretrain_weight_decay sft_weight_decay orm_margin ent_coef kl_coef reward_clip grpo_kl rlsp_coef "
             "expo_beta rlt_kl rlt_lambda rlt_alpha",
@@ -323,7 +327,7 @@ _IN_RANGE = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v
              "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1,
              "in [0, 1)": lambda v: 0 <= v < 1, "of any sign": lambda v: True}
 CHOICES = {"algo": ALGOS, "sampler_dtype": ("auto", "float32", "bfloat16"),
-           "rlsp_schedule": ("constant", "linear_decay")}
+           "rlsp_schedule": ("constant", "linear_decay"), "prompt": PROMPT_STYLES}
 
 
 def _check_ranges(cfg):
@@ -358,12 +362,14 @@ def _check_task_and_model(cfg):
         raise SystemExit(f"--device={cfg.device}: this machine has no CUDA device")
     if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
         raise SystemExit(f"--device={cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise SystemExit("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     if cfg.resume and cfg.overwrite:
         raise SystemExit("--resume and --overwrite: expected one of them (go on with a run, or start it over)")
 
 
 def _check_files(cfg):
-    for k in ("data", "test_data"):
+    for k in ("data", "test_data", "demos"):
         if getattr(cfg, k) and not os.path.isfile(getattr(cfg, k)):
             raise SystemExit(f"--{k}={getattr(cfg, k)}: no such file")
     if cfg.test_data and not cfg.data:
@@ -383,6 +389,8 @@ def _check_files(cfg):
     if tok.vocab_size > mcfg.vocab_size:
         raise SystemExit(f"--model={cfg.model}: the tokenizer has {tok.vocab_size} tokens, the model's embedding "
                          f"{mcfg.vocab_size} rows")
+    if cfg.prompt == "chat_template" and not tok.chat_template:
+        raise SystemExit(f"--prompt=chat_template: {cfg.model}'s tokenizer has no chat_template")
     return mcfg.max_position_embeddings
 
 

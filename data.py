@@ -1,6 +1,8 @@
 """Problems: JSONL datasets, the built-in arithmetic-chain task, and the problem sets of a run.
 
   load_jsonl(path)                          -> [{"question", "answer", ...}]
+  solution_text(problem)                    -> its worked solution, ending in \\boxed{answer}
+  load_demos(path)                          -> a user's demonstrations [{"question", "response"}]
   load_problems(cfg)                        -> (train, test, rl) problem lists of a run
   make_problem(rng, cfg)                    -> one arithmetic-chain problem
   builtin_split(cfg, n_train, n_test, seed) -> (train, test), disjoint by construction
@@ -28,7 +30,7 @@ from reward import extract_answer
 MAX_REPORTED = 10    # bad lines listed by one error; the rest are counted
 
 
-def load_jsonl(path):
+def load_jsonl(path, record=None):
     """Records with "question" and "answer" (both str). Accepted line formats:
       {"question", "answer"}                    plain; a numeric answer is converted with str()
       {"question", "answer": "...#### 42"}      GSM8K: answer = text after the last "####",
@@ -36,12 +38,13 @@ def load_jsonl(path):
       {"problem" or "question", "solution"}     MATH: answer = last \\boxed{} of the solution
     Other keys are kept as they are. Blank lines are skipped; bad lines (invalid JSON or UTF-8, not an
     object, missing or empty question / answer) raise one ValueError with a "path:line: ..." line
-    for each of the first MAX_REPORTED and a count of the rest. An empty file gives []."""
+    for each of the first MAX_REPORTED and a count of the rest. An empty file gives [].
+    record(obj, where) -> dict reads one object instead (load_demos' formats)."""
     out, bad = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                rec = _parse_line(raw, lineno, f"{path}:{lineno}:")
+                rec = _parse_line(raw, lineno, f"{path}:{lineno}:", record or _record)
             except ValueError as e:
                 bad.append(str(e))
                 continue
@@ -52,7 +55,7 @@ def load_jsonl(path):
         raise ValueError("\n".join(bad[:MAX_REPORTED] + more))
     return out
 
-def _parse_line(raw, lineno, where):
+def _parse_line(raw, lineno, where, record):
     """The record of one line, None for a blank one; ValueError("path:line: ...") for a bad one."""
     try:
         line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -67,7 +70,7 @@ def _parse_line(raw, lineno, where):
                          'object per line like {"question": ..., "answer": ...}') from None
     if not isinstance(obj, dict):
         raise ValueError(f"{where} expected a JSON object, got {type(obj).__name__}")
-    return _record(obj, where)
+    return record(obj, where)
 
 def _record(obj, where):
     rec = dict(obj)
@@ -105,6 +108,60 @@ def _record(obj, where):
 def _show(x):
     r = repr(x)
     return r if len(r) <= 40 else r[:37] + "..."
+
+
+def answer_line(problem):
+    """The last line of every solution we train on; the grader reads the \\boxed{} in it."""
+    return f"The answer is \\boxed{{{problem['answer']}}}."
+
+
+def solution_text(problem):
+    """The worked solution a base model is pretrained on, always ending in a \\boxed{} answer, so that
+    a base pretrained on any of load_jsonl's formats answers the way the grader reads:
+      a solution with \\boxed{} (MATH, the built-in task)  as it is
+      a GSM8K solution "... #### 42"                     its reasoning (calculator notes <<6*7=42>>
+                                                         removed), then "The answer is \\boxed{42}."
+      any other solution                                 it, then that line
+      no solution (plain question / answer)              that line alone"""
+    final = answer_line(problem)
+    sol = problem.get("solution")
+    if not isinstance(sol, str) or not sol.strip():
+        return final
+    if extract_answer(sol) is not None:
+        return sol
+    if "####" in sol:
+        sol = re.sub(r"<<[^<>]*>>", "", sol.rsplit("####", 1)[0])
+    return sol.rstrip() + "\n" + final if sol.strip() else final
+
+# -----------------------------------------------------------------------------
+# demonstrations for format tuning: a user's own instead of synthesized ones
+
+def load_demos(path):
+    """A user's demonstrations ({"question", "response"} records) from a JSONL file in any of:
+      {"question" or "prompt", "response" or "completion"}   the question is wrapped in the run's
+                                                             prompt, as every question is
+      {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}   one exchange
+    Bad lines raise one ValueError as in load_jsonl."""
+    return load_jsonl(path, _demo_record)
+
+def _demo_record(obj, where):
+    if "messages" in obj:
+        msgs = obj["messages"]
+        roles = [m.get("role") if isinstance(m, dict) else None for m in msgs] if isinstance(msgs, list) else None
+        if roles != ["user", "assistant"] or not all(isinstance(m.get("content"), str) for m in msgs):
+            raise ValueError(f"{where} expected 'messages' to be one user message and one assistant message, "
+                             f"each with a string 'content', got roles {roles}")
+        q, r = msgs[0]["content"], msgs[1]["content"]
+    else:
+        q = obj.get("question", obj.get("prompt"))
+        r = obj.get("response", obj.get("completion"))
+        if not isinstance(q, str) or not isinstance(r, str):
+            raise ValueError(f"{where} expected string fields 'question' (or 'prompt') and 'response' (or "
+                             f"'completion'), or 'messages'; keys are {sorted(obj)}")
+    if not q.strip() or not r.strip():
+        raise ValueError(f"{where} expected a non-empty question and response")
+    return {**{k: v for k, v in obj.items() if k not in ("messages", "prompt", "completion")},
+            "question": q, "response": r, "type": obj.get("type", "user")}
 
 # -----------------------------------------------------------------------------
 # the built-in task: an arithmetic chain
@@ -186,7 +243,7 @@ def problem_from(start, ops):
     question = f"Start with {start}. {chain[0].upper()}{chain[1:]}. What is the result?"
     lines = [f"Step {i + 1}: {vals[i]} {op} {b} = {vals[i + 1]}." for i, (op, b) in enumerate(ops)]
     answer = str(vals[-1])
-    solution = "\n".join(lines + [f"The answer is \\boxed{{{answer}}}."])
+    solution = "\n".join(lines + [answer_line({"answer": answer})])
     return dict(question=question, answer=answer, solution=solution, ops=ops, start=start)
 
 _QUESTION = re.compile(r"Start with (\d+)\. (.*)\. What is the result\?")
@@ -301,40 +358,54 @@ def task_config(cfg):
     """The TaskConfig of a run's --task_* options."""
     return TaskConfig(**{f.name[5:]: getattr(cfg, f.name) for f in fields(cfg) if f.name.startswith("task_")})
 
+def n_test(cfg, n_data=None):
+    """Held-out problems of a run: --n_test, or with --n_test=0 (the default) 1,000 for the built-in
+    task, all of --test_data, or a tenth of --data (1 to 1,000) when --data also gives the test set."""
+    if cfg.n_test:
+        return cfg.n_test
+    if not cfg.data:
+        return 1000
+    return n_data if cfg.test_data else max(1, min(1000, n_data // 10))
+
+
 def load_problems(cfg, need_solutions=False):
     """(train, test, rl) lists of {"question", "answer", ...}: the user's JSONL (--data, --test_data;
     rl is train), or the built-in task, whose RL questions are n_rl problems beyond the n_train
     (0: rl is train). A user's data that cannot serve the run (bad lines, too few problems, no
-    solutions where need_solutions) is refused with SystemExit before any work."""
+    worked solutions where need_solutions) is refused with SystemExit before any work."""
     if cfg.data:
-        train = _user_problems(cfg.data, "data")
-        if not cfg.test_data and cfg.n_test >= len(train):
-            raise SystemExit(f"--data={cfg.data}: {len(train)} problems, and --n_test={cfg.n_test} of them are held "
-                             "out for testing: give a smaller --n_test or a --test_data file")
+        train = read_user_file(cfg.data, "data")
         n = sum(not isinstance(p.get("solution"), str) for p in train)
         if need_solutions and n:
-            raise SystemExit(f"--data={cfg.data}: {n} of its {len(train)} problems have no 'solution'; pretraining a "
-                             "base model needs worked solutions: add them, or give --model=<a Qwen2 directory>")
+            raise SystemExit(f"--data={cfg.data}: {n} of its {len(train)} problems have no 'solution'; RLT's "
+                             "teacher explains worked solutions: add them (MATH or GSM8K style)")
         if cfg.test_data:
-            return train, _user_problems(cfg.test_data, "test_data"), train
+            test = read_user_file(cfg.test_data, "test_data")
+            return train, test[:n_test(cfg, len(test))], train
+        k = n_test(cfg, len(train))
+        if k >= len(train):
+            raise SystemExit(f"--data={cfg.data}: {len(train)} problems, and --n_test={k} of them are held "
+                             "out for testing: give a smaller --n_test or a --test_data file")
         random.Random(cfg.seed).shuffle(train)
-        train, test = train[:-cfg.n_test], train[-cfg.n_test:]
+        train, test = train[:-k], train[-k:]
         return train, test, train
     # builtin_split fills train in stream order, so the first n_train are the same with or without n_rl
     try:
-        problems, test = builtin_split(task_config(cfg), cfg.n_train + cfg.n_rl, cfg.n_test, cfg.seed)
+        problems, test = builtin_split(task_config(cfg), cfg.n_train + cfg.n_rl, n_test(cfg), cfg.seed)
     except ValueError as e:                  # the --task_* options admit too few problems
         raise SystemExit(f"the built-in task: {e}") from None
     train, rl_questions = problems[:cfg.n_train], problems[cfg.n_train:]
     return train, test, rl_questions or train
 
-def _user_problems(path, option):
+def read_user_file(path, option, load=load_jsonl, what="problems"):
+    """load(path) of the file an option names; a file that cannot serve (unreadable, bad lines, empty)
+    raises SystemExit with the lines that say why."""
     try:
-        problems = load_jsonl(path)
+        records = load(path)
     except OSError as e:
         raise SystemExit(f"--{option}={path}: cannot read it ({e.strerror or e})") from None
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if not problems:
-        raise SystemExit(f"--{option}={path}: no problems in it")
-    return problems
+    if not records:
+        raise SystemExit(f"--{option}={path}: no {what} in it")
+    return records

@@ -221,8 +221,14 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None):
         return load_pretrained(cls, path, device, dtype)
 
-    def save_pretrained(self, path):
-        save_model(self, path, {"architectures": ["Qwen2ForCausalLM"]})
+    def save_pretrained(self, path, token_ids=None, stop_ids=None):
+        """config.json + model.safetensors. token_ids (Tokenizer.special_token_ids: bos, eos, pad) go
+        into config.json and, with eos = stop_ids, into generation_config.json, so that transformers'
+        generate stops where our sampler does."""
+        save_model(self, path, {"architectures": ["Qwen2ForCausalLM"], **(token_ids or {})})
+        if token_ids:
+            with open(os.path.join(path, "generation_config.json"), "w") as fh:
+                json.dump({**token_ids, "eos_token_id": list(stop_ids or [token_ids["eos_token_id"]])}, fh, indent=2)
 
     def resize_vocab(self, new_size: int):
         """Grow the vocabulary for new special tokens; new rows start at the mean embedding (and
@@ -265,9 +271,10 @@ class ValueModel(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None):
         return load_pretrained(cls, path, device, dtype)
 
-    def save_pretrained(self, path):
-        # Same tensor names as transformers' Qwen2ForTokenClassification with one label.
-        save_model(self, path, {"architectures": ["Qwen2ForTokenClassification"], "num_labels": 1})
+    def save_pretrained(self, path, token_ids=None, stop_ids=None):
+        # Same tensor names as transformers' Qwen2ForTokenClassification with one label. stop_ids:
+        # unused (a value model does not generate), taken so that either model saves the same way.
+        save_model(self, path, {"architectures": ["Qwen2ForTokenClassification"], "num_labels": 1, **(token_ids or {})})
 
 
 def _init_weights(m):

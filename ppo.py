@@ -501,7 +501,7 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
 def expo_loss(model, r: Rollouts, beta=0.04, temperature=1.0, agg="token_mean", max_len=None, weight=1.0):
     """ExPO: the GRPO objective gains + beta * log pi(c~, a* | q), so the loss gains
         -beta * aggregate(log pi(token)) over the tokens of c~ (which ends in \\boxed{a*}).
-    r: rows of QUESTION-ONLY prompts (tokenizer.prompt(q), not reward.expo_prompt) + the
+    r: rows of QUESTION-ONLY prompts (tok.prompt(q), not reward.expo_prompt) + the
     self-explanation tokens as responses (make_rollouts; no old_logp / advantages needed: this is a
     plain likelihood term, no ratio or clip). agg / max_len as aggregate_loss (use the update's).
     weight: under torchrun, this rank's rank_weight of the rows; loss and metric are scaled by it.

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from itertools import accumulate, repeat
 
-from tokenizer import COAT_TOKENS, EXPLORE, REFLECT, Tokenizer
+from tokenizer import COAT_TOKENS, EXPLORE, REFLECT
 
 # -----------------------------------------------------------------------------
 # answer extraction
@@ -463,9 +463,9 @@ def rlsp_coef(step, total, coef0, schedule="constant"):
 # -----------------------------------------------------------------------------
 # ExPO self-explanation prompt (the loss term is ppo.expo_loss)
 
-def expo_prompt(question, answer):
+def expo_prompt(tok, question, answer):
     """The policy's prompt for a self-explanation c~ given the question AND the correct answer a*:
-    Satori's prompt with the answer and the request after the question. c~ (ending in
+    Satori's prompt (tok.prompt) with the answer and the request after the question. c~ (ending in
     \\boxed{a*}) is then scored under the question-only prompt by ppo.expo_loss."""
-    return Tokenizer.prompt(f"{question}\nThe correct final answer is {answer}. Write a solution that "
-                            "explains how to reach it.")
+    return tok.prompt(f"{question}\nThe correct final answer is {answer}. Write a solution that "
+                      "explains how to reach it.")

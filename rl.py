@@ -23,7 +23,7 @@ import parallel
 import ppo
 import reward
 from rollout import Sampler, generate_shared
-from sft import SFTConfig, lr_at
+from sft import SFTConfig, fmt_time, lr_at
 from tokenizer import REFLECT
 
 # -----------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def expo_rollouts(cfg, sampler, tok, problems, states, correct, group, temperatu
     qids = [states[i].question_id for i in stuck.nonzero().flatten().tolist()]
     if not qids:
         return None
-    prompts = [tok.encode(reward.expo_prompt(problems[q]["question"], problems[q]["answer"])) for q in qids]
+    prompts = [tok.encode(reward.expo_prompt(tok, problems[q]["question"], problems[q]["answer"])) for q in qids]
     outs = sampler.generate(prompts, cfg.rl_max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed)
     rows = [(tok.encode_prompt(problems[q]["question"]), o.tokens) for q, o in zip(qids, outs)
             if o.finished and reward.grade(tok.decode(o.body), problems[q]["answer"]) is True]
@@ -286,7 +286,7 @@ def _sampler(cfg, policy, tok, problems, pool, group, dev):
     states = [s for sub, _ in pool for s in sub]
     longest = max(len(s.prompt_ids) for s in states)
     if cfg.expo:
-        longest = max(longest, max(len(tok.encode(reward.expo_prompt(problems[s.question_id]["question"],
+        longest = max(longest, max(len(tok.encode(reward.expo_prompt(tok, problems[s.question_id]["question"],
                                                                       problems[s.question_id]["answer"])))
                                    for s in states))
     per_process = max(1, cfg.rl_batch // group) // parallel.world() * group
@@ -339,7 +339,8 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
                       nonfinite=nonfinite, log=log, what=f"{name} step {step + 1}/{steps}")
         nonfinite = info["nonfinite_in_a_row"]
         m, line = step_metrics(cfg, pcfg, tok, name, step, steps, s, r, seq_r, info, er, t_gen, time.time() - t1)
-        log(line, **m)
+        m["eta_s"] = (time.time() - t_start) / (step + 1 - start) * (steps - step - 1)
+        log(f"{line} eta {fmt_time(m['eta_s'])}", **m)
         if ckpt_dir and ((cfg.rl_ckpt_every > 0 and (step + 1) % cfg.rl_ckpt_every == 0) or step + 1 == steps):
             checkpoint.save(ckpt_dir, f"step-{step + 1:08d}", models, opts, {"stage": name, "step": step + 1, "steps": steps},
                             keep=cfg.ckpt_keep)

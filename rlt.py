@@ -10,52 +10,47 @@ The reward needs three rescored log-prob vectors. The explanation is tokenised O
 are placed in both contexts, so that its tokens line up:
   teacher row: teacher_ids(question + solution) + ids(THINK) + ids(expl)
                -> teacher log-probs of the explanation [E]
-  student row: ids(student_prefix(question)) + ids(expl) + ids(STUDENT_SUFFIX) + ids(solution)
+  student row: ids(student_prefix(tok, question)) + ids(expl) + ids(STUDENT_SUFFIX) + ids(solution)
                -> student log-probs of the explanation [E] and of the solution [S]
-(student_prompt(q, expl) is exactly that student row before the solution, as one string.)
+(student_prompt(tok, q, expl) is exactly that student row before the solution, as one string.)
 """
 import math
 
 import torch
 
 import ppo
+from data import answer_line, solution_text
 from rollout import generate_shared, sampler_for
-from tokenizer import Tokenizer
 
-TEACHER_TEMPLATE = ("<|im_start|>user\nHere is a math problem and its solution. Explain step by step "
-                    "how to reach the solution, so that a student who sees only the problem and your "
-                    "explanation can solve it. Write the explanation between <think> and </think>.\n"
-                    "Problem: {question}\nSolution: {solution}<|im_end|>\n<|im_start|>assistant\n")
+# the teacher's user message (tok.chat_prompt puts it in the run's prompt style)
+TEACHER_MESSAGE = ("Here is a math problem and its solution. Explain step by step how to reach the solution, "
+                   "so that a student who sees only the problem and your explanation can solve it. Write the "
+                   "explanation between <think> and </think>.\nProblem: {question}\nSolution: {solution}")
 THINK, END_THINK = "<think>", "</think>"        # the tags around an explanation
 STUDENT_SUFFIX = END_THINK + "\n"
 
 
-def teacher_prompt(question, solution):
+def teacher_prompt(tok, question, solution):
     """RLT's own teacher instruction (for real models: it alone is ~190 tokens)."""
-    return TEACHER_TEMPLATE.format(question=question, solution=solution)
+    return tok.chat_prompt(TEACHER_MESSAGE.format(question=question, solution=solution))
 
 
-def student_prefix(question):
+def student_prefix(tok, question):
     """What the student reads before the explanation: Satori's prompt, then the opening tag."""
-    return Tokenizer.prompt(question) + THINK
+    return tok.prompt(question) + THINK
 
 
-def student_prompt(question, explanation):
+def student_prompt(tok, question, explanation):
     """The explanation as the student's own thinking; the solution follows."""
-    return student_prefix(question) + explanation + STUDENT_SUFFIX
-
-
-def solution(problem):
-    """What the teacher is shown and the student must find likely: the final answer line."""
-    return f"The answer is \\boxed{{{problem['answer']}}}."
+    return student_prefix(tok, question) + explanation + STUDENT_SUFFIX
 
 
 def teacher_ids(tok, problem, full_prompt=False):
     """The teacher's prompt ids. full_prompt: teacher_prompt; else the question's own prompt with the
     solution appended, as the built-in base model has only seen ~130 positions."""
     if full_prompt:
-        return tok.encode(teacher_prompt(problem["question"], solution(problem)))
-    return tok.encode_prompt(problem["question"] + "\nSolution: " + solution(problem))
+        return tok.encode(teacher_prompt(tok, problem["question"], answer_line(problem)))
+    return tok.encode_prompt(problem["question"] + "\nSolution: " + answer_line(problem))
 
 
 def extract_explanation(text, open_tag=THINK, close_tag=END_THINK):
@@ -103,8 +98,8 @@ def reward_fn(cfg, tok, problems, student, dev):
             if expl is not None:
                 p = problems[s.question_id]
                 rows.append((i, teacher_ids(tok, p, cfg.rlt_full_prompt) + tok.encode(THINK),
-                             tok.encode(student_prefix(p["question"])), tok.encode(expl),
-                             tok.encode(STUDENT_SUFFIX), tok.encode(solution(p))))
+                             tok.encode(student_prefix(tok, p["question"])), tok.encode(expl),
+                             tok.encode(STUDENT_SUFFIX), tok.encode(answer_line(p))))
         if not rows:
             return rewards
         with torch.no_grad():
@@ -123,7 +118,7 @@ def reward_fn(cfg, tok, problems, student, dev):
 
 def warmup_examples(tok, problems, qids, full_prompt=False):
     """The teacher's format warm-up: (teacher prompt, <think> reference steps </think> + eos)."""
-    steps = lambda p: p["solution"].rsplit("\n", 1)[0]
+    steps = lambda p: solution_text(p).rsplit("\n", 1)[0]
     return [(teacher_ids(tok, problems[q], full_prompt), tok.encode(THINK + steps(problems[q]) + END_THINK)
              + [tok.eos_id]) for q in qids]
 
@@ -147,6 +142,6 @@ def student_examples(tok, problems, qids, texts):
         if expl is None:
             continue
         p = tok.encode_prompt(problems[q]["question"])
-        rlt_ex.append((p, tok.encode(THINK + expl + STUDENT_SUFFIX + solution(problems[q])) + [tok.eos_id]))
-        plain_ex.append((p, tok.encode(problems[q]["solution"]) + [tok.eos_id]))
+        rlt_ex.append((p, tok.encode(THINK + expl + STUDENT_SUFFIX + answer_line(problems[q])) + [tok.eos_id]))
+        plain_ex.append((p, tok.encode(solution_text(problems[q])) + [tok.eos_id]))
     return rlt_ex, plain_ex

@@ -211,8 +211,9 @@ class Sampler:
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=None, seed=None):
-        """max_new_tokens: one budget for all, or a list with one per prompt."""
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=None, seed=None, progress=None):
+        """max_new_tokens: one budget for all, or a list with one per prompt. progress(done, total), if
+        given, is called at each of the host's looks at the lanes (no extra sync)."""
         budgets = self._check(prompts, max_new_tokens, stop_ids)
         stop = list(stop_ids or [])
         self.seed_t.fill_((torch.seed() if seed is None else seed) & 0xFFFFFFFF)
@@ -226,6 +227,8 @@ class Sampler:
         lanes, results = [None] * self.max_batch, [None] * len(prompts)
         while True:
             self._collect(lanes, results, set(stop))
+            if progress:
+                progress(len(prompts) - len(queue) - sum(s is not None for s in lanes), len(prompts))
             if not queue and not any(lanes):
                 return results
             admitted = []

@@ -219,7 +219,8 @@ def _plan(lengths, row_len, cfg, rng):
                 return plan
 
 
-def _fmt_time(s):
+def fmt_time(s):
+    """Seconds as m:ss or h:mm:ss, for progress lines."""
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
@@ -291,7 +292,7 @@ def _report(win, name, step, steps, lr, gnorm, tokens, t0, start, say):
          "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "eta_s": eta}
     m.update({k: v / max(n, 1) for k, v in extra.items()})
     say(f"{name} step {step + 1}/{steps} loss {m['loss']:.4f}" + "".join(f" {k} {m[k]:.3f}" for k in extra)
-        + f" lr {lr:.2e} gnorm {gnorm:.2f} tok/s {tps:.0f} eta {_fmt_time(eta)}")
+        + f" lr {lr:.2e} gnorm {gnorm:.2f} tok/s {tps:.0f} eta {fmt_time(eta)}")
     return m
 
 

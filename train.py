@@ -4,6 +4,7 @@
     python train.py --stages=pretrain,eval --base=    # pretrain a new base model, then its accuracy
     python train.py --stages=rl,eval --algo=grpo      # RL round 1 again with another method
     python train.py --stages=eval --out=runs/a        # evaluate every stage model found in runs/a
+    python train.py --stages=report --out=runs/a      # rebuild runs/a/report.html, the page of the run
     python train.py --model=path/to/Qwen2.5-0.5B --data=train.jsonl --test_data=test.jsonl
     torchrun --nproc_per_node=8 train.py              # the same on 8 GPUs (gloo on CPU)
     python train.py --resume                          # after a crash: on from the newest checkpoint
@@ -14,9 +15,11 @@ Options are the fields of config.Config: --key value or --key=value, --flag / --
 work with one line (exit code 2; --debug shows the traceback).
 
 Each stage (STAGES, at the bottom) reads folders of --out and writes one: a complete HF model
-directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json) with its
-provenance.json, so any stage runs alone on the output of an earlier run. Progress goes to stdout,
-metrics to out/metrics.jsonl, and the eval stage writes out/results.json and out/results.md. A run
+directory (config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json
+with the input's chat template) with its
+provenance.json, so any stage runs alone on the output of an earlier run. Progress goes to stdout
+and out/train.log, metrics to out/metrics.jsonl, the eval stage writes out/results.json, results.md
+and responses.jsonl, and out/report.html (report.py) is rebuilt as each stage starts and ends. A run
 never deletes what it did not make: a fresh run into an unfinished one is refused (--resume goes
 on, --overwrite starts over), and --stages=eval only reads.
 """
@@ -25,9 +28,11 @@ import faulthandler
 import json
 import os
 import random
+import shlex
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import asdict, fields
 
 import torch
@@ -38,32 +43,51 @@ import config
 import data
 import parallel
 import rae
+import report
+import reward
 import rl
 import rlt
 import rollout
+import tokenizer
 from config import base_path, check_config, group_of, parse_args
-from eval import evaluate, write_results
+from eval import evaluate, response_rows, write_results
 from model import ModelConfig, Transformer, ValueModel, num_params
 from rollout import sampler_for
 from sft import SFTConfig, orm_pairs, orm_train, sft_train
-from tokenizer import Tokenizer, build_task_tokenizer
+from tokenizer import INSTRUCTION, Tokenizer, build_task_tokenizer, render_prompt
 
 
 # -----------------------------------------------------------------------------
 # what every stage uses: its folders, the logger, the settings of its training loops
 
-def make_logger(out):
-    """log(msg, **metrics): rank 0 prints msg (if any) and appends the metrics to out/metrics.jsonl."""
-    path = os.path.join(out, "metrics.jsonl")
+def make_logger(out, command=None, tensorboard=False):
+    """log(msg, **metrics): rank 0 prints msg (if any) and appends it to out/train.log, and appends the
+    metrics to out/metrics.jsonl. command: the run's command line, for the header line that starts
+    its part of train.log (runs into one --out add to the same log). tensorboard: the metrics of a
+    step are also scalars "<loop>/<name>" in out/tensorboard."""
+    path, text = os.path.join(out, "metrics.jsonl"), os.path.join(out, "train.log")
+    if command is not None and parallel.is_main():
+        with open(text, "a") as f:
+            f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n")
+    board = None
+    if tensorboard and parallel.is_main():
+        from torch.utils.tensorboard import SummaryWriter     # only when asked: tensorboard is optional
+        board = SummaryWriter(os.path.join(out, "tensorboard"), flush_secs=10)
 
     def log(msg=None, **metrics):
         if not parallel.is_main():
             return
         if msg is not None:
             print(msg, flush=True)
+            with open(text, "a") as f:
+                f.write(msg + "\n")
         if metrics:
             with open(path, "a") as f:
                 f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+        if board is not None and "step" in metrics:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "steps"):
+                    board.add_scalar(f"{metrics.get('stage', 'run')}/{k}", v, metrics["step"])
     return log
 
 
@@ -108,10 +132,11 @@ def save_stage(cfg, state, name, model, tok, models=None, write=None):
     """out/<name> as a complete HF directory (+ models: {subdirectory: model}, e.g. the critic;
     + write(dir): more files)."""
     def save(tmp):
-        model.save_pretrained(tmp)
+        # the token ids in config.json and generation_config.json: transformers' generate stops as ours
+        model.save_pretrained(tmp, tok.special_token_ids, tok.stop_ids)
         tok.save_pretrained(tmp)
         for sub, m in (models or {}).items():
-            m.save_pretrained(os.path.join(tmp, sub))
+            m.save_pretrained(os.path.join(tmp, sub), tok.special_token_ids)
         if write:
             write(tmp)
     return save_output(cfg, state, name, save)
@@ -141,7 +166,7 @@ def sft_config(cfg, prefix, **kw):
 
 
 # -----------------------------------------------------------------------------
-# the stages: fn(cfg, state), state = {"log", "stage", "train", "test", "rl"}
+# the stages: fn(cfg, state), state = {"log", "stage", "made_from", "train", "test", "rl", "demos"}
 
 def shipped_base(cfg):
     """The directory of the shipped base model if it was pretrained with this run's task, model and
@@ -169,14 +194,16 @@ def stage_pretrain(cfg, state):
         return log(f"pretrain: the shipped base {shipped} was made with these options; copied to "
                    f"{stage_dir(cfg, 'base')} (--base= pretrains a new one)")
     torch.manual_seed(cfg.seed)
-    tok = build_task_tokenizer([Tokenizer.prompt(p["question"]) + p["solution"] for p in train[:5000]], cfg.vocab_size)
+    # the corpus holds each prompt as the new tokenizer will write it (render_prompt: its chat template)
+    corpus = [render_prompt(INSTRUCTION.format(question=p["question"])) + data.solution_text(p) for p in train[:5000]]
+    tok = build_task_tokenizer(corpus, cfg.vocab_size, cfg.max_position_embeddings)
     mcfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
                        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
                        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
                        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True)
     model = Transformer(mcfg).to(get_device(cfg))
     log(f"pretrain: {num_params(model) / 1e6:.2f}M parameters, vocab {tok.vocab_size}, {len(train)} problems")
-    examples = [(tok.encode_prompt(p["question"]), tok.encode(p["solution"]) + [tok.eos_id]) for p in train]
+    examples = [(tok.encode_prompt(p["question"]), tok.encode(data.solution_text(p)) + [tok.eos_id]) for p in train]
     m = sft_train(model, examples, sft_config(cfg, "pretrain", max_steps=cfg.pretrain_steps), **loop_kw(cfg, state, "pretrain"))
     path = save_stage(cfg, state, "base", model, tok)
     log(f"pretrain: {m['steps']} steps, {m['tokens']} tokens in {m['time_s']:.0f}s, loss {m['loss']:.4f} -> {path}",
@@ -189,7 +216,9 @@ def demos_path(cfg):
 
 def stage_synthesize(cfg, state):
     """COAT demonstrations from the base model (generator -> exact critic -> one per type per
-    question, coat.synthesize_coat) -> out/synthesize/demos.jsonl."""
+    question, coat.synthesize_coat) -> out/synthesize/demos.jsonl; with --demos, the user's own."""
+    if cfg.demos:
+        return copy_demos(cfg, state)
     model, tok = load_stage(cfg, "base")
     problems = state["train"][:cfg.synth_questions]
     prompts = [tok.encode_prompt(p["question"]) for p in problems]
@@ -197,12 +226,29 @@ def stage_synthesize(cfg, state):
     sampler = sampler_for(model, prompts, 2 * cfg.synth_max_new_tokens + 64, cfg.gen_batch)
     scfg = coat.SynthConfig(group=cfg.synth_group, temperature=cfg.synth_temperature,
                             max_new_tokens=cfg.synth_max_new_tokens)
+    stats = Counter()
     records = coat.synthesize_coat(coat.sampler_generator(sampler, tok.stop_ids), tok, parallel.shard(problems),
-                                   scfg, seed=cfg.seed + 7919 * parallel.rank(), log=state["log"])
+                                   scfg, seed=cfg.seed + 7919 * parallel.rank(), log=state["log"], stats=stats)
     records = parallel.gather(records)
+    if not records:
+        raise SystemExit(f"synthesize: no demonstration; of {stats['samples']} samples of {stage_dir(cfg, 'base')} "
+                         f"(this process's share), {stats['boxed']} reached a \\boxed{{}} answer and {stats['right']} "
+                         "were right. Bring demonstrations (--demos=file.jsonl), raise --synth_group or "
+                         "--synth_max_new_tokens, or check the prompt (--prompt)")
     save_output(cfg, state, "synthesize", lambda d: coat.write_demos(os.path.join(d, "demos.jsonl"), records))
     state["log"](f"synthesize: {len(records)} demonstrations -> {demos_path(cfg)}", stage="synthesize",
                  **dict(coat.synthesize_stats(records)))
+
+
+def copy_demos(cfg, state):
+    """The user's demonstrations (--demos, data.load_demos' formats, read by main) ->
+    out/synthesize/demos.jsonl, where format tuning and the record of the run read demonstrations."""
+    records = state["demos"]
+    no_answer = sum(reward.extract_answer(r["response"]) is None for r in records)
+    save_output(cfg, state, "synthesize", lambda d: coat.write_demos(os.path.join(d, "demos.jsonl"), records))
+    state["log"](f"synthesize: --demos given, {len(records)} demonstrations from {cfg.demos} -> {demos_path(cfg)}"
+                 + (f"; {no_answer} of them end in no \\boxed{{}} answer, which RL and evaluation "
+                    "grade wrong" if no_answer else ""), stage="synthesize", total=len(records))
 
 
 def stage_sft(cfg, state):
@@ -351,7 +397,8 @@ def stage_rlt(cfg, state):
         model, _ = load_stage(cfg, "base")
         sft_train(model, ex, sft_config(cfg, "distill", max_steps=cfg.rlt_student_steps), **loop_kw(cfg, state, name))
         save_stage(cfg, state, name, model, tok)
-        m = evaluate(model, tok, state["test"], max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch)
+        m = evaluate(model, tok, state["test"], max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch,
+                     log=log, name=f"rlt {name}")
         results[name] = m["pass_at_1"]
         log(f"rlt: {name} greedy pass@1 {m['pass_at_1']:.3f} on {m['n']} problems", stage="rlt", model=name, **m)
     if parallel.is_main():
@@ -363,17 +410,19 @@ EVAL_STAGES = ("base", "format_tuned", "rl_round1", "distilled", "rl_round2")
 
 
 def stage_eval(cfg, state):
-    """Greedy pass@1 + COAT statistics of every stage model present -> out/results.json, results.md.
-    A model made from an output that was remade since (say rl_round2 after rl ran again) is marked
-    stale: it does not belong to the chain beside it."""
+    """Greedy pass@1 + COAT statistics of every stage model present -> out/results.json, results.md,
+    and each response graded -> out/responses.jsonl. A model made from an output that was remade
+    since (say rl_round2 after rl ran again) is marked stale: it does not belong to the chain beside it."""
     outputs = {folder(w): stage_dir(cfg, folder(w)) for _, _, writes in STAGES.values() for w in writes}
     stale = checkpoint.stale(outputs)
-    rows = []
+    rows, responses = [], []
     for name in (n for n in EVAL_STAGES if has_model(stage_dir(cfg, n))):
         t0 = time.time()
         model, tok = load_stage(cfg, name)
-        m = evaluate(model, tok, state["test"], max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch)
+        m, texts = evaluate(model, tok, state["test"], max_new_tokens=cfg.eval_max_new_tokens,
+                            batch_size=cfg.eval_batch, return_texts=True, log=state["log"], name=f"eval {name}")
         rows.append({"name": name, **m, "stale": stale.get(name, [])})
+        responses += response_rows(name, state["test"], texts)
         note = f"; stale via {', '.join(stale[name])} (remade, or stale itself, since)" if name in stale else ""
         state["log"](f"eval {name}: pass@1 {m['pass_at_1']:.3f} on {m['n']} problems ({time.time() - t0:.0f}s){note}",
                      stage="eval", model=name, **m)
@@ -381,7 +430,26 @@ def stage_eval(cfg, state):
     if not rows:
         raise SystemExit(f"eval: no stage model in {cfg.out} (looked for {', '.join(EVAL_STAGES)})")
     if parallel.is_main():
-        state["log"](write_results(cfg.out, rows))
+        state["log"](write_results(cfg.out, rows, responses))
+
+
+def stage_report(cfg, state):
+    """out/report.html from what --out holds (report.py); also rebuilt as every other stage starts and ends."""
+    state["log"](f"report: {report.write_report(cfg.out, report_stages())}")
+
+
+def report_stages():
+    """The pipeline's stages for the report's table: {name: (reads, writes)}."""
+    return {name: (reads, writes) for name, (_, reads, writes) in STAGES.items() if name != "report"}
+
+
+def rebuild_report(cfg, log):
+    """out/report.html rebuilt by rank 0; a failure is one logged line, never the run's end."""
+    if parallel.is_main():
+        try:
+            report.write_report(cfg.out, report_stages())
+        except Exception as e:      # the page is a view of the run, not part of it
+            log(f"report: {os.path.join(cfg.out, 'report.html')} not rebuilt: {type(e).__name__}: {e}")
 
 
 # name: (function, what it reads from --out, what it writes there). The default chain runs them in
@@ -395,12 +463,14 @@ STAGES = {
     "rl":         (stage_rl,         ("format_tuned", "orm", "orm/rae.jsonl"),  ("rl_round1", "rl_round1/critic")),
     "distill":    (stage_distill,    ("rl_round1", "base"),                     ("distilled",)),
     "rl2":        (stage_rl2,        ("distilled", "orm", "rl_round1/critic"),  ("rl_round2", "rl_round2/critic")),
-    "eval":       (stage_eval,       EVAL_STAGES,                               ("results.json", "results.md")),
+    "eval":       (stage_eval,       EVAL_STAGES,                               ("results.json", "results.md",
+                                                                                 "responses.jsonl")),
     "rlt":        (stage_rlt,        ("base",),                                 ("rlt_warm", "rlt_teacher", "rlt_student",
                                                                                  "plain_student", "rlt_results.json")),
+    "report":     (stage_report,     (),                                        ("report.html",)),
 }
 DEFAULT_STAGES = ["pretrain", "synthesize", "sft", "orm", "rl", "distill", "rl2", "eval"]
-READ_ONLY = {"eval"}      # a run of only these leaves progress.json and out/ckpt alone
+READ_ONLY = {"eval", "report"}      # a run of only these leaves progress.json and out/ckpt alone
 
 
 def missing_input(cfg, names, done):
@@ -433,7 +503,8 @@ def main(argv):
     if unknown:
         raise SystemExit(f"--stages: unknown stage {unknown[0]!r}; expected some of {', '.join(STAGES)}")
     check_config(cfg, names, world)
-    train, test, rl_questions = data.load_problems(cfg, need_solutions="pretrain" in names and not cfg.model)
+    train, test, rl_questions = data.load_problems(cfg, need_solutions="rlt" in names)
+    demos = data.read_user_file(cfg.demos, "demos", data.load_demos, "demonstrations") if cfg.demos else None
     prev = checkpoint.read_progress(cfg.out) if cfg.resume else None
     missing = missing_input(cfg, names, prev["done"] if prev else [])
     if missing:
@@ -448,11 +519,12 @@ def main(argv):
             with open(os.path.join(cfg.out, "run_config.json"), "w") as f:
                 json.dump(asdict(cfg), f, indent=2)
     done = progress["done"] if progress else []
-    log = make_logger(cfg.out)
+    log = make_logger(cfg.out, command="python train.py " + shlex.join(argv), tensorboard=cfg.tensorboard)
     rollout.CUDA_GRAPHS = cfg.cuda_graphs
+    tokenizer.PROMPT = cfg.prompt       # every prompt of the run (Tokenizer.prompt) follows --prompt
     if get_device(cfg).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-    state = {"log": log, "train": train, "test": test, "rl": rl_questions}
+    state = {"log": log, "train": train, "test": test, "rl": rl_questions, "demos": demos}
     log(f"nanosatori: stages {','.join(names)}, {len(train)} train" +
         (f" + {len(rl_questions)} RL" if rl_questions is not train else "") + f" / {len(test)} test problems, "
         f"device {get_device(cfg)}, {world} process{'es' * (world > 1)}, out {cfg.out}")
@@ -469,10 +541,13 @@ def main(argv):
         state.update(stage=name, made_from={r: checkpoint.output_id(stage_dir(cfg, r)) for r in reads})
         if progress:
             checkpoint.stage_start(cfg.out, progress, name)
+            rebuild_report(cfg, log)        # the page shows the stage running
         STAGES[name][0](cfg, state)
         if progress:
             checkpoint.stage_done(cfg.out, progress, name)
         log(f"stage {name} done in {time.time() - t0:.0f}s", stage=name, wall_s=time.time() - t0)
+        if name != "report":
+            rebuild_report(cfg, log)
     if progress:
         checkpoint.end_run(cfg.out, progress)
     parallel.shutdown()

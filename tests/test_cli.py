@@ -89,6 +89,7 @@ def _write(path, lines):
 def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
     qa = lambda i: json.dumps({"question": f"what is {i} + 1?", "answer": str(i + 1)})
     small = _write(tmp_path / "small.jsonl", [qa(i) for i in range(40)])
+    one = _write(tmp_path / "one.jsonl", [qa(0)])
     broken = _write(tmp_path / "broken.jsonl", [qa(0), "{oops", qa(1), '{"question": "q"}', "[1]"] +
                     ["{bad"] * 12)
     model = tmp_path / "not_a_model"
@@ -126,8 +127,10 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
         (["--base=nowhere"], "--base=nowhere: no such directory"),
         (["--hidden_size=12", "--num_attention_heads=4"], "expected an even head size"),
         (["--stages=sft"], "stage sft reads base, which is not in"),
-        ([f"--data={small}", "--model=", "--stages=eval"], "40 problems, and --n_test=1000 of them are held out"),
-        ([f"--data={small}", "--n_test=5"], "40 problems have no 'solution'; pretraining a base model needs worked"),
+        ([f"--data={small}", "--model=", "--stages=eval", "--n_test=40"], "40 problems, and --n_test=40 of them are held out"),
+        ([f"--data={small}", "--stages=rlt"], "40 problems have no 'solution'; RLT's teacher explains worked solutions"),
+        ([f"--data={small}", f"--demos={tmp_path / 'nope.jsonl'}"], "--demos=" + str(tmp_path / "nope.jsonl") + ": no such file"),
+        ([f"--data={small}", f"--demos={one}"], f"{one}:1: expected string fields 'question' (or 'prompt') and 'response'"),
         ([f"--data={broken}", "--n_test=1"], None),
     ]
     for argv, msg in cases:

@@ -172,3 +172,71 @@ def test_split_fails_loudly_on_a_tiny_space():
     cfg = TaskConfig(n_steps=1, ops="+", start_max=2, max_operand=2)   # only 4 problems exist
     with pytest.raises(ValueError, match="too small"):
         builtin_split(cfg, 10, 10, seed=0)
+
+# -----------------------------------------------------------------------------
+# what a base is pretrained on, whatever the source format
+
+def test_solution_text_always_ends_in_a_boxed_answer(tmp_path):
+    from data import solution_text
+    p = _write(tmp_path, [
+        json.dumps({"question": "1+1?", "answer": "2"}),
+        json.dumps({"question": "Tom?", "answer": "He has 3 + 4 = <<3+4=7>>7 apples.\nSo 7.\n#### 7"}),
+        json.dumps({"problem": "Half?", "solution": "It is $\\boxed{\\frac{1}{2}}$."}),
+        json.dumps({"question": "6*7?", "answer": 42, "solution": "Six sevens are 42."}),
+    ])
+    texts = [solution_text(r) for r in load_jsonl(p)]
+    assert texts == ["The answer is \\boxed{2}.",
+                     "He has 3 + 4 = 7 apples.\nSo 7.\nThe answer is \\boxed{7}.",   # calculator notes dropped
+                     "It is $\\boxed{\\frac{1}{2}}$.",
+                     "Six sevens are 42.\nThe answer is \\boxed{42}."]
+    assert [extract_answer(t) for t in texts] == ["2", "7", "\\frac{1}{2}", "42"]
+    built_in = make_problem(random.Random(0))
+    assert solution_text(built_in) == built_in["solution"]
+
+
+# -----------------------------------------------------------------------------
+# a user's demonstrations
+
+def test_load_demos_formats(tmp_path):
+    from data import load_demos
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4 <|reflect|> \\boxed{4}"}]
+    p = _write(tmp_path, [
+        json.dumps({"question": "1+1?", "response": "\\boxed{2}", "answer": "2", "type": "verify"}),
+        json.dumps({"prompt": "3+3?", "completion": "\\boxed{6}"}),
+        json.dumps({"messages": msgs}),
+    ])
+    recs = load_demos(p)
+    assert [(r["question"], r["response"], r["type"]) for r in recs] == [
+        ("1+1?", "\\boxed{2}", "verify"), ("3+3?", "\\boxed{6}", "user"), ("2+2?", "4 <|reflect|> \\boxed{4}", "user")]
+    assert recs[0]["answer"] == "2" and "messages" not in recs[2]
+
+
+@pytest.mark.parametrize("obj,words", [
+    ({"question": "q"}, "expected string fields 'question' (or 'prompt') and 'response'"),
+    ({"prompt": "q", "response": " "}, "expected a non-empty question and response"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a"}]}, "got roles ['system', 'user', 'assistant']"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 3}]}, "string 'content'"),
+])
+def test_load_demos_errors_name_path_and_line(tmp_path, obj, words):
+    from data import load_demos
+    p = _write(tmp_path, [json.dumps({"question": "ok", "response": "fine"}), json.dumps(obj)])
+    with pytest.raises(ValueError) as e:
+        load_demos(p)
+    assert str(e.value).startswith(f"{p}:2: ") and words in str(e.value)
+
+
+def test_n_test_adapts_to_the_data(tmp_path):
+    from config import Config
+    from data import load_problems, n_test
+    assert n_test(Config()) == 1000 and n_test(Config(n_test=7)) == 7
+    p = _write(tmp_path, [json.dumps({"question": f"q{i}", "answer": str(i)}) for i in range(45)])
+    t = _write(tmp_path, [json.dumps({"question": f"t{i}", "answer": str(i)}) for i in range(30)], "t.jsonl")
+    tr, te, _ = load_problems(Config(data=str(p)))
+    assert (len(tr), len(te)) == (41, 4)                     # a tenth held out
+    assert {r["question"] for r in tr}.isdisjoint(r["question"] for r in te)
+    assert len(load_problems(Config(data=str(p), test_data=str(t)))[1]) == 30        # all of --test_data
+    assert len(load_problems(Config(data=str(p), test_data=str(t), n_test=5))[1]) == 5
+    one = _write(tmp_path, [json.dumps({"question": "q", "answer": "1"})], "one.jsonl")
+    with pytest.raises(SystemExit, match="1 problems, and --n_test=1 of them are held out"):
+        load_problems(Config(data=str(one)))

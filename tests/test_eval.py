@@ -66,8 +66,8 @@ class Canned:
 
 
 def test_evaluate_with_fake_sampler():
-    from tokenizer import Tokenizer, build_task_tokenizer
-    tok = build_task_tokenizer([Tokenizer.prompt(P["question"]) + P["solution"]] * 5, vocab_size=300)
+    from tokenizer import PROMPT_TEMPLATE, build_task_tokenizer
+    tok = build_task_tokenizer([PROMPT_TEMPLATE.format(question=P["question"]) + P["solution"]] * 5, vocab_size=300)
     right = tok.encode(P["solution"]) + [tok.eos_id]
     wrong = tok.encode("Step 1: 1 + 1 = 2.\nThe answer is \\boxed{2}.") + [tok.eos_id]
     m, texts = evaluation.evaluate(None, tok, [P, P], sampler=Canned([right, wrong]), return_texts=True)

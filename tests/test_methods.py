@@ -11,7 +11,7 @@ from reward import expo_prompt, exploration_reward, reasoning_steps, rlsp_coef
 from rlt import extract_explanation, student_prompt as rlt_student_prompt, teacher_prompt as rlt_teacher_prompt
 from rlt import reward_fn as rlt_reward_fn, teacher_reward as rlt_reward
 from rollout import Completion
-from tokenizer import Tokenizer, build_task_tokenizer
+from tokenizer import PROMPT_TEMPLATE, build_task_tokenizer
 
 # -----------------------------------------------------------------------------
 # RLSP exploration reward
@@ -55,7 +55,7 @@ def test_exploration_cap_and_max_steps():
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_task_tokenizer([COAT4, Tokenizer.prompt("What is 2 + 3?")] * 3, vocab_size=300)
+    return build_task_tokenizer([COAT4, PROMPT_TEMPLATE.format(question="What is 2 + 3?")] * 3, vocab_size=300)
 
 
 def test_rlsp_reward_is_paid_right_or_wrong(tok):
@@ -119,13 +119,13 @@ def test_rlt_reward_without_tags_or_stop(tok):
     assert score(None, [RestartState(0, [1], 0)] * 2, outs) == [-7.0, -7.0]
 
 
-def test_rlt_and_expo_prompts():
+def test_rlt_and_expo_prompts(tok):
     q, sol, expl = "What is 2 + 3?", "2 + 3 = \\boxed{5}", "Count {two} then three more."
-    tp = rlt_teacher_prompt(q, sol)
+    tp = rlt_teacher_prompt(tok, q, sol)
     assert q in tp and sol in tp and "<think>" in tp and tp.endswith("<|im_start|>assistant\n")
     # the student reads Satori's prompt, then the explanation as its own thinking
-    assert rlt_student_prompt(q, expl) == Tokenizer.prompt(q) + "<think>" + expl + "</think>\n"
-    ep = expo_prompt(q, "5")
+    assert rlt_student_prompt(tok, q, expl) == tok.prompt(q) + "<think>" + expl + "</think>\n"
+    ep = expo_prompt(tok, q, "5")
     assert q in ep and "The correct final answer is 5." in ep and "\\boxed{}" in ep
 
 # -----------------------------------------------------------------------------

@@ -131,3 +131,21 @@ def test_value_model_shares_trunk_and_round_trips(tmp_path):
     vm2 = ValueModel.from_pretrained(tmp_path)
     assert torch.equal(vm2(x), v)
     assert json.load(open(tmp_path / "config.json"))["architectures"] == ["Qwen2ForTokenClassification"]
+
+
+def test_token_ids_go_into_config_and_generation_config(tmp_path):
+    """save_pretrained(path, token_ids, stop_ids): the ids in config.json, the stop ids as
+    generation_config.json's eos list; a value model gets the ids only; our loader reads past them."""
+    m = Transformer(ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                num_attention_heads=4, num_key_value_heads=2))
+    ids = {"bos_token_id": None, "eos_token_id": 2, "pad_token_id": 0}
+    m.save_pretrained(tmp_path / "lm", ids, [0, 2])
+    hf = transformers.AutoConfig.from_pretrained(tmp_path / "lm")
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (None, 2, 0)
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "lm")
+    assert (gen.eos_token_id, gen.pad_token_id) == ([0, 2], 0)
+    ValueModel.from_policy(m).save_pretrained(tmp_path / "vm", ids)
+    assert json.load(open(tmp_path / "vm" / "config.json"))["eos_token_id"] == 2
+    assert not (tmp_path / "vm" / "generation_config.json").exists()
+    x = torch.randint(0, 40, (1, 5))
+    assert torch.equal(Transformer.from_pretrained(tmp_path / "lm")(x), m(x))

@@ -14,13 +14,13 @@ from data import TaskConfig, apply_op, builtin_split, load_jsonl, make_problem, 
 from model import ModelConfig, Transformer
 from reward import coat_grammar_ok, grade, split_steps
 from rollout import Sampler
-from tokenizer import COAT_TOKENS, Tokenizer, build_task_tokenizer
+from tokenizer import COAT_TOKENS, PROMPT_TEMPLATE, build_task_tokenizer
 
 @pytest.fixture(scope="module")
 def tok():
     rng = random.Random(0)
     texts = [t for p in (make_problem(rng, TaskConfig()) for _ in range(300)) for t in (p["question"], p["solution"])]
-    texts += [Tokenizer.prompt(q) for q in ("What is 2 + 3?", "Start with 5.")]
+    texts += [PROMPT_TEMPLATE.format(question=q) for q in ("What is 2 + 3?", "Start with 5.")]
     return build_task_tokenizer(texts, vocab_size=320)
 
 def _parse_prompt(tok, ids):
@@ -80,7 +80,7 @@ def _reference_lines(problem):
 def check_record(rec, problem):
     """Every claim of a built-in task trajectory is true; returns its reflection kinds."""
     text = rec["response"]
-    assert text.endswith("<|im_end|>") and rec["prompt"] == Tokenizer.prompt(problem["question"])
+    assert text.endswith("<|im_end|>") and rec["prompt"] == PROMPT_TEMPLATE.format(question=problem["question"])
     body = text[:-len("<|im_end|>")]
     assert coat_grammar_ok(text) and grade(text, problem["answer"]) is True
     for m in COAT_TOKENS:                                     # COAT tokens only at step starts

@@ -1,9 +1,10 @@
 """Tokenizer: COAT tokens never split, the Satori template, HF-format round trip."""
 import pytest
 
+import tokenizer
 from tokenizer import COAT_TOKENS, PROMPT_TEMPLATE, Tokenizer, build_task_tokenizer
 
-CORPUS = [Tokenizer.prompt(f"Start with {a}. Add {b}. What is the result?")
+CORPUS = [PROMPT_TEMPLATE.format(question=f"Start with {a}. Add {b}. What is the result?")
           + f"Step 1: {a} + {b} = {a + b}.\nThe answer is \\boxed{{{a + b}}}.<|im_end|>"
           for a in range(10, 60) for b in range(3, 9)]
 
@@ -34,12 +35,17 @@ def test_coat_tokens_are_single_special_tokens(tok):
     assert tok.add_coat_tokens() == 0   # idempotent
 
 
-def test_prompt_template_is_satoris():
-    p = Tokenizer.prompt("What is 1+1?")
-    assert p == ("<|im_start|>user\nSolve the following math problem efficiently and clearly.\n"
-                 "Please reason step by step, and put your final answer within \\boxed{}.\n"
-                 "Problem: What is 1+1?<|im_end|>\n<|im_start|>assistant\n")
+def test_prompt_template_is_satoris(tok, monkeypatch):
+    satori = ("<|im_start|>user\nSolve the following math problem efficiently and clearly.\n"
+              "Please reason step by step, and put your final answer within \\boxed{}.\n"
+              "Problem: What is {1+1}?<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.prompt("What is {1+1}?") == satori
     assert "{question}" in PROMPT_TEMPLATE
+    # the built-in chat template renders exactly Satori's prompt: --prompt changes nothing on the built-in task
+    monkeypatch.setattr(tokenizer, "PROMPT", "chat_template")
+    assert tok.prompt("What is {1+1}?") == satori
+    with pytest.raises(ValueError, match="no chat_template"):
+        Tokenizer(tok.tk).prompt("x")
 
 
 def test_save_load_and_transformers_agree(tok, tmp_path):

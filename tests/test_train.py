@@ -70,15 +70,15 @@ TINY = ["--n_train=64", "--n_test=4", "--n_rl=64", "--hidden_size=32", "--interm
 def test_tiny_chain(tmp_path):
     """Every stage end to end on a toy scale: complete HF dirs, demos, results.json in the schema."""
     out = str(tmp_path)
-    train.main([f"--out={out}", "--stages=pretrain,synthesize,eval"] + TINY)
+    train.main([f"--out={out}", "--stages=pretrain,eval"] + TINY)
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert os.path.isfile(os.path.join(out, "base", f))
-    assert os.path.isfile(os.path.join(out, "synthesize", "demos.jsonl"))   # an untrained model: maybe empty
-    # format tuning on hand-made demonstrations, then eval of both models
+    # format tuning on hand-made demonstrations (an untrained model synthesizes none), then eval of both models
     demo = f"{S1}\n{C}{BAD2}\n{R}Let me check step 2.\n{E}{S2}\n{C}{S3}\n{C}The answer is \\boxed{{196}}.<|im_end|>"
-    with open(os.path.join(out, "synthesize", "demos.jsonl"), "w") as f:
+    with open(os.path.join(out, "demos.jsonl"), "w") as f:
         f.write(json.dumps({"question": P["question"], "answer": P["answer"], "response": demo}) + "\n")
-    train.main([f"--out={out}", "--stages=sft,eval"] + TINY)
+    train.main([f"--out={out}", "--stages=synthesize,sft,eval", f"--demos={os.path.join(out, 'demos.jsonl')}"] + TINY)
+    assert os.path.isfile(os.path.join(out, "synthesize", "demos.jsonl"))
     from tokenizer import Tokenizer
     tok = Tokenizer.from_pretrained(os.path.join(out, "format_tuned"))
     assert tok.reflect_id >= 300 and json.load(open(os.path.join(out, "format_tuned", "config.json")))["vocab_size"] == tok.vocab_size
