@@ -365,20 +365,26 @@ def end_run(out, progress):
 PROVENANCE = "provenance.json"
 
 
-def output_id(path):
-    """The id of a stage output directory from its provenance.json; None for a directory without
-    one (a user's model, an output written before provenance was recorded) or no directory."""
+def provenance(path):
+    """The provenance.json of a stage output directory; {} for a directory without one (a user's
+    model, an output written before provenance was recorded) or no directory."""
     try:
         with open(os.path.join(path, PROVENANCE)) as f:
-            return json.load(f)["id"]
-    except (OSError, ValueError, KeyError):
-        return None
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
-def write_provenance(path, stage, made_from):
-    """path/provenance.json: a new id for this output, the stage that made it and the ids of the
-    outputs it was made from ({name: id})."""
-    _write_json({"id": uuid.uuid4().hex, "stage": stage, "made_from": made_from}, os.path.join(path, PROVENANCE))
+def output_id(path):
+    """The id of a stage output directory (provenance); None when it has none."""
+    return provenance(path).get("id")
+
+
+def write_provenance(path, stage, made_from, prompt=None):
+    """path/provenance.json: a new id for this output, the stage that made it, the ids of the
+    outputs it was made from ({name: id}) and the prompt style its models learned (--prompt)."""
+    _write_json({"id": uuid.uuid4().hex, "stage": stage, "made_from": made_from, "prompt": prompt},
+                os.path.join(path, PROVENANCE))
 
 
 def stale(dirs):

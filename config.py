@@ -55,7 +55,7 @@ class Config:
     task_mul_max: int = 5
     task_max_value: int = 99
     n_train: int = 20000          # problems with solutions: pretraining, COAT synthesis, format tuning
-    n_test: int = 0               # held-out problems; 0 = 1000 on the built-in task, a tenth of --data (<= 1000), or all of --test_data
+    n_test: int = 0               # held-out problems; 0 = 1000 on the built-in task, a tenth of --data (<= 1000), all of --test_data
     n_rl: int = 30000             # further questions, answers only, for ORM/RAE, RL, distillation; 0: the n_train
     # the built-in base model (a small Qwen2): the shipped one, or pretrained by stage pretrain
     base: str = "assets/base"     # shipped base, used when made with this run's options; --base= pretrains one
@@ -404,6 +404,9 @@ def _check_batches(cfg, names, world):
     if cfg.rl_batch % cfg.minibatch_size or cfg.minibatch_size % world:
         raise SystemExit(f"--minibatch_size={cfg.minibatch_size} must divide --rl_batch={cfg.rl_batch} and be a "
                          f"multiple of the number of processes ({world})")
+    if cfg.demos and "synthesize" not in names:
+        raise SystemExit(f"--demos={cfg.demos}: stage synthesize copies them into --out, and --stages has no "
+                         "synthesize; add it (--stages=synthesize,sft,...)")
     if cfg.algo == "dapo" and cfg.dapo_overlong_buffer >= cfg.rl_max_new_tokens:
         raise SystemExit(f"--dapo_overlong_buffer={cfg.dapo_overlong_buffer}: expected less than "
                          f"--rl_max_new_tokens={cfg.rl_max_new_tokens}")

@@ -381,10 +381,13 @@ def load_problems(cfg, need_solutions=False):
                              "teacher explains worked solutions: add them (MATH or GSM8K style)")
         if cfg.test_data:
             test = read_user_file(cfg.test_data, "test_data")
+            if cfg.n_test > len(test):
+                raise SystemExit(f"--n_test={cfg.n_test}: --test_data={cfg.test_data} has {len(test)} problems")
             return train, test[:n_test(cfg, len(test))], train
         k = n_test(cfg, len(train))
         if k >= len(train):
-            raise SystemExit(f"--data={cfg.data}: {len(train)} problems, and --n_test={k} of them are held "
+            held = f"--n_test={k}" if cfg.n_test else f"{k} (a tenth, at least 1)"
+            raise SystemExit(f"--data={cfg.data}: {len(train)} problems, and {held} of them are held "
                              "out for testing: give a smaller --n_test or a --test_data file")
         random.Random(cfg.seed).shuffle(train)
         train, test = train[:-k], train[-k:]

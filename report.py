@@ -33,7 +33,7 @@ h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1
 h3 { font-size: 15px; margin: 20px 0 6px; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: left; }
 th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.missing, .not-run { color: #999; } .done { color: #1a7f37; } .running { color: #b35900; font-weight: bold; }
+.missing, .not-run { color: #999; } .done { color: #1a7f37; } .running, .stopped { color: #b35900; font-weight: bold; }
 .charts { display: flex; flex-wrap: wrap; gap: 6px; }
 svg.curve { border: 1px solid #e4e4e4; background: #fff; }
 .resps { display: grid; grid-template-columns: repeat(auto-fill, minmax(380px, 1fr)); gap: 8px; }
@@ -49,9 +49,10 @@ COLORS = {"loss": "#1f77b4", "reward": "#2ca02c", "acc": "#17becf", "kl": "#d627
 esc = html.escape
 
 
-def write_report(out, stages):
+def write_report(out, stages, live=True):
     """out/report.html from what out holds now -> its path. stages: {name: (reads, writes)}, the
-    pipeline's stages in order with the entries of out/ they read and write."""
+    pipeline's stages in order with the entries of out/ they read and write. live: written by the
+    run itself (its current stage is running), else by --stages=report (that stage was stopped)."""
     progress = checkpoint.read_progress(out) or {}
     records = read_jsonl(os.path.join(out, "metrics.jsonl"))
     results = []
@@ -62,7 +63,7 @@ def write_report(out, stages):
                                                  "progress.json") if os.path.isfile(os.path.join(out, f))]
     body = [f"<h1>nanosatori run: {esc(os.path.abspath(out))}</h1>",
             f"<p>{time.strftime('%Y-%m-%d %H:%M:%S')}; files: {', '.join(links) or 'none yet'}</p>",
-            results_table(results), stage_table(out, stages, progress, records),
+            results_table(results), stage_table(out, stages, progress, records, live),
             curves(records, stages), responses(read_jsonl(os.path.join(out, "responses.jsonl")))]
     path = os.path.join(out, "report.html")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -118,7 +119,7 @@ def results_table(rows):
     return f"<h2>Results</h2><table><tr>{head}</tr>{''.join(trs)}</table>"
 
 
-def stage_table(out, stages, progress, records):
+def stage_table(out, stages, progress, records, live=True):
     """Each stage's status in the run that progress.json records, its last logged wall time, and
     what it reads and writes (entries not in out greyed)."""
     wall = {r["stage"]: r["wall_s"] for r in records if "wall_s" in r and "stage" in r}
@@ -126,8 +127,8 @@ def stage_table(out, stages, progress, records):
     entry = lambda e: esc(e) if os.path.exists(os.path.join(out, e)) else f'<span class="missing">{esc(e)}</span>'
     trs = []
     for name, (reads, writes) in stages.items():
-        status = "done" if name in done else "running" if name == current and not progress.get("finished") \
-            else "to run" if name in ran else "not run"
+        status = "done" if name in done else ("running" if live else "stopped") if name == current \
+            and not progress.get("finished") else "to run" if name in ran else "not run"
         trs.append(f"<tr><td>{name}</td><td class=\"{status.replace(' ', '-')}\">{status}</td>"
                    f"<td class=\"num\">{duration(wall.get(name))}</td>"
                    f"<td>{', '.join(map(entry, reads)) or '-'}</td><td>{', '.join(map(entry, writes))}</td></tr>")

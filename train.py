@@ -60,15 +60,20 @@ from tokenizer import INSTRUCTION, Tokenizer, build_task_tokenizer, render_promp
 # -----------------------------------------------------------------------------
 # what every stage uses: its folders, the logger, the settings of its training loops
 
+RUN_LOG = None     # the train.log of the running run, once its header is written (cli adds the error that ends it)
+
+
 def make_logger(out, command=None, tensorboard=False):
     """log(msg, **metrics): rank 0 prints msg (if any) and appends it to out/train.log, and appends the
     metrics to out/metrics.jsonl. command: the run's command line, for the header line that starts
     its part of train.log (runs into one --out add to the same log). tensorboard: the metrics of a
     step are also scalars "<loop>/<name>" in out/tensorboard."""
+    global RUN_LOG
     path, text = os.path.join(out, "metrics.jsonl"), os.path.join(out, "train.log")
     if command is not None and parallel.is_main():
         with open(text, "a") as f:
             f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n")
+        RUN_LOG = text
     board = None
     if tensorboard and parallel.is_main():
         from torch.utils.tensorboard import SummaryWriter     # only when asked: tensorboard is optional
@@ -124,7 +129,7 @@ def save_output(cfg, state, name, write):
     def save(tmp):
         os.makedirs(tmp, exist_ok=True)
         write(tmp)
-        checkpoint.write_provenance(tmp, state["stage"], state["made_from"])
+        checkpoint.write_provenance(tmp, state["stage"], state["made_from"], cfg.prompt)
     return checkpoint.write_dir(stage_dir(cfg, name), save)
 
 
@@ -231,8 +236,9 @@ def stage_synthesize(cfg, state):
                                    scfg, seed=cfg.seed + 7919 * parallel.rank(), log=state["log"], stats=stats)
     records = parallel.gather(records)
     if not records:
-        raise SystemExit(f"synthesize: no demonstration; of {stats['samples']} samples of {stage_dir(cfg, 'base')} "
-                         f"(this process's share), {stats['boxed']} reached a \\boxed{{}} answer and {stats['right']} "
+        samples, boxed, right = parallel.all_sum([stats["samples"], stats["boxed"], stats["right"]])
+        raise SystemExit(f"synthesize: no demonstration; of {samples} samples of {stage_dir(cfg, 'base')}, "
+                         f"{boxed} reached a \\boxed{{}} answer and {right} "
                          "were right. Bring demonstrations (--demos=file.jsonl), raise --synth_group or "
                          "--synth_max_new_tokens, or check the prompt (--prompt)")
     save_output(cfg, state, "synthesize", lambda d: coat.write_demos(os.path.join(d, "demos.jsonl"), records))
@@ -434,8 +440,10 @@ def stage_eval(cfg, state):
 
 
 def stage_report(cfg, state):
-    """out/report.html from what --out holds (report.py); also rebuilt as every other stage starts and ends."""
-    state["log"](f"report: {report.write_report(cfg.out, report_stages())}")
+    """out/report.html from what --out holds (report.py); also rebuilt as every other stage starts and
+    ends. Here no run is live, so a stage that progress.json calls current was stopped."""
+    if parallel.is_main():
+        state["log"](f"report: {report.write_report(cfg.out, report_stages(), live=False)}")
 
 
 def report_stages():
@@ -493,6 +501,22 @@ def missing_input(cfg, names, done):
     return None
 
 
+def check_prompt(cfg, names, done):
+    """A one-line error for the first model the run reads that learned another --prompt style (its
+    provenance), or whose chat template cannot render a prompt with --prompt=chat_template; else None."""
+    reads = {stage_dir(cfg, folder(r)) for n in names if n not in done for r in STAGES[n][1]} | {stage_dir(cfg, "base")}
+    for path in sorted(d for d in reads if os.path.isfile(os.path.join(d, "tokenizer.json"))):
+        made = checkpoint.provenance(path).get("prompt")
+        if made not in (None, cfg.prompt):
+            return (f"--prompt={cfg.prompt}: {path} learned --prompt={made}; give --prompt={made}, or start from "
+                    "the base model in a new --out")
+        try:
+            Tokenizer.from_pretrained(path).prompt("What is 1 + 1?")
+        except Exception as e:      # ValueError (no template) or jinja2's errors, from the user's template
+            return f"--prompt={cfg.prompt}: {path}'s chat template cannot render a prompt ({str(e).splitlines()[0]})"
+    return None
+
+
 def main(argv):
     """Run the stages argv asks for. Every option and input file is checked first: a bad one raises
     SystemExit with one line before --out is touched."""
@@ -506,14 +530,17 @@ def main(argv):
     train, test, rl_questions = data.load_problems(cfg, need_solutions="rlt" in names)
     demos = data.read_user_file(cfg.demos, "demos", data.load_demos, "demonstrations") if cfg.demos else None
     prev = checkpoint.read_progress(cfg.out) if cfg.resume else None
-    missing = missing_input(cfg, names, prev["done"] if prev else [])
+    tokenizer.PROMPT = cfg.prompt       # every prompt of the run (Tokenizer.prompt) follows --prompt
+    done_before = prev["done"] if prev else []
+    missing = missing_input(cfg, names, done_before) or check_prompt(cfg, names, done_before)
     if missing:
         raise SystemExit(missing)
     checkpoint.check_writable(cfg.out, cfg.min_free_gb * 2**30)
     # a run of read-only stages (eval) leaves the record of the run in --out, and its checkpoints, alone
     progress = None
     if not set(names) <= READ_ONLY:
-        signature = {k: v for k, v in asdict(cfg).items() if k not in config.NOT_SIGNATURE}
+        # held out: the count, not the option (0 means "as many as the data allows")
+        signature = {**{k: v for k, v in asdict(cfg).items() if k not in config.NOT_SIGNATURE}, "n_test": len(test)}
         progress = checkpoint.begin_run(cfg.out, names, signature, cfg.resume, cfg.overwrite, config.RENAMED)
         if rank == 0:
             with open(os.path.join(cfg.out, "run_config.json"), "w") as f:
@@ -521,7 +548,6 @@ def main(argv):
     done = progress["done"] if progress else []
     log = make_logger(cfg.out, command="python train.py " + shlex.join(argv), tensorboard=cfg.tensorboard)
     rollout.CUDA_GRAPHS = cfg.cuda_graphs
-    tokenizer.PROMPT = cfg.prompt       # every prompt of the run (Tokenizer.prompt) follows --prompt
     if get_device(cfg).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     state = {"log": log, "train": train, "test": test, "rl": rl_questions, "demos": demos}
@@ -555,7 +581,10 @@ def main(argv):
 
 def cli(argv):
     """main(argv) from a shell -> the exit code. An error meant for the user (a SystemExit with a
-    message) is one line on stderr and exit code 2; --debug shows where it was raised too."""
+    message) is one line on stderr and exit code 2; --debug shows where it was raised too. Once the
+    run has started its train.log, the error (or a crash's traceback) is added to it."""
+    global RUN_LOG
+    RUN_LOG = None
     try:
         main(argv)
     except SystemExit as e:
@@ -569,8 +598,18 @@ def cli(argv):
             traceback.print_exc()
         who = f" (rank {parallel.rank()})" if parallel.world() > 1 else ""
         print(f"error{who}: {e.code}", file=sys.stderr)
+        to_run_log(f"error{who}: {e.code}\n")
         return 2
+    except BaseException:
+        to_run_log(traceback.format_exc())      # the cause of a crash stays with the run's log
+        raise
     return 0
+
+
+def to_run_log(text):
+    if RUN_LOG is not None and parallel.is_main():
+        with open(RUN_LOG, "a") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,7 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
         ([f"--data={small}", "--model=", "--stages=eval", "--n_test=40"], "40 problems, and --n_test=40 of them are held out"),
         ([f"--data={small}", "--stages=rlt"], "40 problems have no 'solution'; RLT's teacher explains worked solutions"),
         ([f"--data={small}", f"--demos={tmp_path / 'nope.jsonl'}"], "--demos=" + str(tmp_path / "nope.jsonl") + ": no such file"),
+        ([f"--demos={one}", "--stages=sft"], f"--demos={one}: stage synthesize copies them into --out"),
         ([f"--data={small}", f"--demos={one}"], f"{one}:1: expected string fields 'question' (or 'prompt') and 'response'"),
         ([f"--data={broken}", "--n_test=1"], None),
     ]

@@ -238,5 +238,7 @@ def test_n_test_adapts_to_the_data(tmp_path):
     assert len(load_problems(Config(data=str(p), test_data=str(t)))[1]) == 30        # all of --test_data
     assert len(load_problems(Config(data=str(p), test_data=str(t), n_test=5))[1]) == 5
     one = _write(tmp_path, [json.dumps({"question": "q", "answer": "1"})], "one.jsonl")
-    with pytest.raises(SystemExit, match="1 problems, and --n_test=1 of them are held out"):
+    with pytest.raises(SystemExit, match=r"1 problems, and 1 \(a tenth, at least 1\) of them are held out"):
         load_problems(Config(data=str(one)))
+    with pytest.raises(SystemExit, match=f"--n_test=31: --test_data={t} has 30 problems"):
+        load_problems(Config(data=str(p), test_data=str(t), n_test=31))

@@ -83,6 +83,8 @@ def test_report_of_a_synthetic_run(tmp_path):
     row = lambda name: re.search(rf"<tr><td>{name}</td>(.*?)</tr>", page).group(1)
     assert 'class="done">done<' in row("sft") and "1m 15s" in row("sft")
     assert 'class="running">running<' in row("rl") and 'class="to-run">to run<' in row("eval")
+    rebuilt = open(report.write_report(str(out), train.report_stages(), live=False), encoding="utf-8").read()
+    assert '<tr><td>rl</td><td class="stopped">stopped<' in rebuilt     # by --stages=report: no run is live
     assert 'class="not-run">not run<' in row("rlt") and "report" not in re.findall(r"<tr><td>(\w+)</td>", page)
     assert "responses.jsonl" in row("eval") and '<span class="missing">rl_round1</span>' in row("rl")
     # the results table, stale rows marked

@@ -8,7 +8,7 @@ import shutil
 
 import data
 import train
-from tokenizer import CONTINUE as C, REFLECT as R
+from tokenizer import CONTINUE as C, REFLECT as R, Tokenizer
 from config import Config
 
 
@@ -27,11 +27,20 @@ def gsm8k_style(problems):
     return rows
 
 
+USER_TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}{{ '<|im_start|>system\\n"
+                 "You are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + m['role'] + '\\n' + "
+                 "m['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                 "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
 def test_user_model_gsm8k_data_and_demos_run_every_stage(tmp_path, capsys):
     """The shipped base stands in for the user's checkpoint (it can answer these questions, so that
     every stage has something to learn from); the demonstrations come in the chat "messages" format."""
     model = tmp_path / "my-qwen"
     shutil.copytree(train.base_path(Config()), model)
+    tok_cfg = json.load(open(model / "tokenizer_config.json"))     # what a user's tokenizer carries
+    tok_cfg.update(chat_template=USER_TEMPLATE, model_max_length=2048, tokenizer_class="Qwen2Tokenizer")
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     problems, _ = data.builtin_split(data.task_config(Config()), 60, 1, seed=5)
     path = _jsonl(tmp_path / "gsm8k.jsonl", gsm8k_style(problems))
     demos = []
@@ -62,6 +71,19 @@ def test_user_model_gsm8k_data_and_demos_run_every_stage(tmp_path, capsys):
     done = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     sft = next(m for m in done if m.get("stage") == "sft" and m.get("done"))
     assert sft["loss"] < sft["first_loss"] / 2
+    # the last model keeps the user's tokenizer settings, and transformers' generate on it stops
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    final = os.path.join(out, "rl_round2")
+    hf_tok = AutoTokenizer.from_pretrained(final)
+    assert hf_tok.model_max_length == 2048 and hf_tok.chat_template == USER_TEMPLATE
+    hf = AutoModelForCausalLM.from_pretrained(final)
+    text = hf_tok.apply_chat_template([{"role": "user", "content": problems[0]["question"]}], tokenize=False,
+                                      add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.")
+    ids = torch.tensor([hf_tok.encode(Tokenizer.from_pretrained(final).prompt(problems[0]["question"]))])  # as trained
+    gen = hf.generate(ids, max_new_tokens=300, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert len(gen) < 300 and gen[-1] in hf.generation_config.eos_token_id
 
 
 def test_plain_question_answer_data_pretrains_a_base_that_answers_in_boxed(tmp_path):
@@ -94,3 +116,17 @@ def test_a_model_that_never_answers_in_boxed_is_told_what_to_do(tmp_path, capsys
     assert "synthesize: no demonstration; of 8 samples" in err and "0 reached a \\boxed{} answer" in err
     assert "Bring demonstrations (--demos=file.jsonl), raise --synth_group" in err
     assert not os.path.exists(os.path.join(out, "synthesize", "demos.jsonl"))
+    assert open(os.path.join(out, "train.log")).read().splitlines()[-1] == err.strip()   # the log says why it ended
+
+
+def test_a_model_is_only_prompted_the_way_it_learned(tmp_path, capsys):
+    """Each output records the prompt style its model learned; a run that would prompt it another way
+    is refused before any work."""
+    out = str(tmp_path / "out")
+    assert train.cli([f"--out={out}", "--stages=pretrain"]) == 0
+    assert json.load(open(os.path.join(out, "base", "provenance.json")))["prompt"] == "satori"
+    capsys.readouterr()
+    assert train.cli([f"--out={out}", "--stages=eval", "--prompt=chat_template"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --prompt=chat_template: {os.path.join(out, 'base')} learned --prompt=satori; give "
+                   "--prompt=satori, or start from the base model in a new --out\n")
