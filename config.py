@@ -39,6 +39,7 @@ class Config:
     min_free_gb: float = 1.0      # refuse to start with less free disk under --out
     cuda_graphs: bool = True      # samplers replay their decode step as CUDA graphs on CUDA (false: eager, to debug)
     tensorboard: bool = False     # also write metrics as TensorBoard scalars to out/tensorboard (needs the tensorboard package)
+    dtype: str = "auto"           # compute of every training forward (fp32 master weights): auto = bfloat16 on CUDA, float32 on CPU
     tf32: bool = True             # on CUDA, fp32 matmuls (model and kernels) on TF32 tensor cores: ~8x faster, 10-bit mantissa
     # a user's model and data instead of the built-in ones
     model: str = ""               # HF Qwen2 directory used as the base model (skips pretraining)
@@ -326,7 +327,7 @@ RANGES = {
 _IN_RANGE = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0,
              "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1,
              "in [0, 1)": lambda v: 0 <= v < 1, "of any sign": lambda v: True}
-CHOICES = {"algo": ALGOS, "sampler_dtype": ("auto", "float32", "bfloat16"),
+CHOICES = {"algo": ALGOS, "sampler_dtype": ("auto", "float32", "bfloat16"), "dtype": ("auto", "float32", "bfloat16"),
            "rlsp_schedule": ("constant", "linear_decay"), "prompt": PROMPT_STYLES}
 
 
@@ -438,3 +439,4 @@ def group_of(cfg, stage):
     if cfg.algo != "ppo":
         return cfg.grpo_group, "--grpo_group"
     return (cfg.rl_group, "--rl_group") if stage == "rl" else (cfg.rl2_group, "--rl2_group")
+

@@ -212,7 +212,12 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     """log softmax(hidden @ weight.T / temperature)[targets] without materialising the logits.
     hidden [N, H] (or [..., H]), weight [V, H], targets [N] (or [...]) int64 in [0, V) -> logprobs
     fp32 [N]; with return_entropy, also the entropy of each row's distribution, fp32 [N]. Both are
-    differentiable w.r.t. hidden and weight (hidden is cast to weight's dtype)."""
+    differentiable w.r.t. hidden and weight (hidden is cast to weight's dtype). Under autocast both
+    are cast to its dtype: the head runs in bf16 on tensor cores, the log-softmax accumulates in fp32."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
     use = kernels.use_triton(hidden, "token_logprobs") and targets.numel() > 0     # no rows: nothing to launch
     return _token_logprobs(hidden, weight, targets, temperature, return_entropy, use)
 

@@ -277,6 +277,18 @@ class ValueModel(nn.Module):
         save_model(self, path, {"architectures": ["Qwen2ForTokenClassification"], "num_labels": 1, **(token_ids or {})})
 
 
+def compute_dtype(name, device):
+    """The torch dtype of a --dtype value: auto = bfloat16 on CUDA, float32 elsewhere."""
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def autocast(device, dtype):
+    """The context of a training forward: bf16 autocast over fp32 master weights (matmuls in bf16,
+    norms and softmaxes in fp32), or nothing for fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def _init_weights(m):
     if isinstance(m, (nn.Linear, nn.Embedding)):
         nn.init.normal_(m.weight, std=0.02)

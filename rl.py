@@ -20,6 +20,7 @@ import torch
 
 import checkpoint
 import parallel
+from model import autocast, compute_dtype
 import ppo
 import reward
 from rollout import Sampler, generate_shared
@@ -164,13 +165,14 @@ def sample_groups(cfg, sampler, tok, problems, pool, first, rng, group, temperat
 
 def rollouts(policy, gen_model, ref, tok, s, group, temperature, dev):
     """The samples as ppo.Rollouts with the log-probs of the policy that sampled them (old_logp),
-    recomputed by the policy itself when a bf16 copy sampled, and the reference's with a KL term."""
+    recomputed by the policy itself when a bf16 copy sampled or the update computes under autocast
+    (the ratio must start at 1 in the update's own precision), and the reference's with a KL term."""
     r = ppo.make_rollouts([st.prompt_ids for st in s.states for _ in range(group)], [o.tokens for o in s.outs],
                           tok.pad_id, dev)
     r.old_logp = torch.zeros_like(r.mask)
     r.old_logp[r.mask.bool()] = torch.tensor([lp for o in s.outs for lp in o.logprobs], device=dev)
     with torch.no_grad():
-        if gen_model is not policy:
+        if gen_model is not policy or torch.is_autocast_enabled(r.ids.device.type):
             r.old_logp = ppo.response_logprobs(policy, r, temperature)
         if ref is not None:
             r.ref_logp = ppo.response_logprobs(ref, r, temperature)
@@ -305,7 +307,7 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
     Returns the metrics of the last step."""
     log = log or (lambda msg, **metrics: print(msg, flush=True))
     dev = next(policy.parameters()).device
-    pcfg, pool = algo_config(cfg, group), as_pools(pool)
+    pcfg, pool, dtype = algo_config(cfg, group), as_pools(pool), compute_dtype(cfg.dtype, dev)
     models = {k: v for k, v in (("policy", policy), ("critic", critic)) if v is not None}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=lr, betas=cfg.betas, weight_decay=0.0)
             for k, m, lr in (("opt", policy, cfg.actor_lr), ("copt", critic, cfg.critic_lr)) if m is not None}
@@ -330,13 +332,14 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
             continue
         extra, er = expo_term(cfg, pcfg, sampler, tok, problems, s, group, temperature, dev) if cfg.expo else (None, None)
         t_gen = time.time() - t0
-        r = rollouts(policy, gen_model, ref, tok, s, group, temperature, dev)
-        seq_r = rewards(cfg, tok, s, r, group, step, steps, orm, reward_fn, policy)
-        ppo.set_advantages(r, pcfg, seq_r, torch.tensor([o.finished for o in s.outs], device=dev), critic,
-                           cfg.rl_max_new_tokens)
-        t1 = time.time()
-        info = update(pcfg, policy, gen_model, critic, opts, r, temperature, cfg.micro_batch, s.seed, extra=extra,
-                      nonfinite=nonfinite, log=log, what=f"{name} step {step + 1}/{steps}")
+        with autocast(dev, dtype):      # every forward after sampling: old and reference log-probs, ORM, critic
+            r = rollouts(policy, gen_model, ref, tok, s, group, temperature, dev)
+            seq_r = rewards(cfg, tok, s, r, group, step, steps, orm, reward_fn, policy)
+            ppo.set_advantages(r, pcfg, seq_r, torch.tensor([o.finished for o in s.outs], device=dev), critic,
+                               cfg.rl_max_new_tokens)
+            t1 = time.time()
+            info = update(pcfg, policy, gen_model, critic, opts, r, temperature, cfg.micro_batch, s.seed, extra=extra,
+                          nonfinite=nonfinite, log=log, what=f"{name} step {step + 1}/{steps}")
         nonfinite = info["nonfinite_in_a_row"]
         m, line = step_metrics(cfg, pcfg, tok, name, step, steps, s, r, seq_r, info, er, t_gen, time.time() - t1)
         m["eta_s"] = (time.time() - t_start) / (step + 1 - start) * (steps - step - 1)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import checkpoint
 import logprobs
 import parallel
+from model import autocast
 
 IGNORE = -100   # target of a position that has no loss: prompt, last token of a document, padding
 
@@ -48,6 +49,7 @@ class SFTConfig:
     seed: int = 0
     log_every: int = 10           # optimizer steps between progress lines
     max_bad_steps: int = 5        # non-finite steps in a row (each skipped) before the run aborts
+    dtype: torch.dtype = torch.float32   # forward compute (model.autocast); the weights stay fp32
 
 
 # -----------------------------------------------------------------------------
@@ -251,16 +253,15 @@ def _optimizer(model, cfg, device):
     return params, torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
 
 
-def _accumulate(model, rows, units, loss_fn, per, device, win):
+def _accumulate(model, rows, units, loss_fn, per, device, dtype, win):
     """Forward and backward of one optimizer step's micro-batches (this rank's rows of each), the
     loss normalised by the step's GLOBAL count of loss tokens (per="tokens") or units (per="units")
     -> (this rank's part of the step's loss, its tokens); loss_fn's extra metrics go to win."""
     micro = [collate(r, units, 0, device) for r in rows if r]                # may be [] on a rank
     denom = max(1, parallel.all_sum(sum(b.n_loss if per == "tokens" else len(b.units) for b in micro)))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     step_loss, step_tokens = 0.0, 0
     for b in micro:
-        with autocast:
+        with autocast(device, dtype):
             loss_sum, extra = loss_fn(model, b)
         (loss_sum / denom).backward()
         step_loss += loss_sum.item() / denom
@@ -340,7 +341,7 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
         for g in opt.param_groups:
             g["lr"] = lr
         rows = [r[rank::world] for r in plan[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
-        step_loss, step_tokens = _accumulate(model, rows, units, loss_fn, per, device, win)
+        step_loss, step_tokens = _accumulate(model, rows, units, loss_fn, per, device, cfg.dtype, win)
         parallel.sync_grads(params)
         step_loss, step_tokens = parallel.all_sum([step_loss, step_tokens])
         tokens += step_tokens

@@ -51,7 +51,7 @@ import rollout
 import tokenizer
 from config import base_path, check_config, group_of, parse_args
 from eval import evaluate, response_rows, write_results
-from model import ModelConfig, Transformer, ValueModel, num_params
+from model import ModelConfig, Transformer, ValueModel, compute_dtype, num_params
 from rollout import sampler_for
 from sft import SFTConfig, orm_pairs, orm_train, sft_train
 from tokenizer import INSTRUCTION, Tokenizer, build_task_tokenizer, render_prompt
@@ -167,7 +167,7 @@ def sft_config(cfg, prefix, **kw):
     own = {f.name: getattr(cfg, f"{prefix}_{f.name}") for f in fields(SFTConfig) if hasattr(cfg, f"{prefix}_{f.name}")}
     shared = {k: getattr(cfg, k) for k in ("warmup_frac", "min_lr_ratio", "grad_accum", "clip", "betas",
                                            "log_every", "seed")}
-    return SFTConfig(**{**shared, **own, **kw})
+    return SFTConfig(**{**shared, **own, "dtype": compute_dtype(cfg.dtype, get_device(cfg)), **kw})
 
 
 # -----------------------------------------------------------------------------
