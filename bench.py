@@ -5,8 +5,11 @@
     python bench.py sampler --gpu-shape     # Qwen2.5-0.5B's shape in bf16, 256 ragged prompts (CUDA)
     python bench.py logprob                 # fused log-prob vs log_softmax + gather: time and peak memory
     python bench.py gpu                     # everything that needs one H100/H200, in <= 8 min (--smoke: tiny, on CPU)
+    python bench.py memory --model=7b --act_ckpt   # GiB per GPU of every stage under FSDP2 on 8 x 80 GB: a plan, no GPU
+    python bench.py shard                   # peak memory per process of SFT steps on 2 CPU processes: full copy vs FSDP2
 
-Every run writes its raw figures as JSON (--json PATH; `gpu`: $OUT/bench_gpu.json when $OUT is set).
+Every run writes its raw figures as JSON (--json PATH; `gpu`: $OUT/bench_gpu.json when $OUT is set;
+`memory` prints them as its last line, and writes a file only with --json or $OUT/bench_memory.json).
 """
 import argparse
 import json
@@ -19,9 +22,9 @@ import time
 
 import torch
 
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, num_params
+from memory_plan import bench_memory, qwen25, SATORI_MICRO_BATCH, SATORI_SEQ_LEN
 from rollout import Sampler
-
 
 def machine():
     if torch.cuda.is_available():
@@ -44,10 +47,8 @@ def _timed(fn, device, repeat):
 
 def _sampler_case(args):
     """(model config, dtype, prompt lengths, output lengths, prompts) of a sampler benchmark."""
-    if args.gpu_shape:   # Qwen2.5-0.5B
-        cfg = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-                          rope_theta=1e6, tie_word_embeddings=True, torch_dtype="bfloat16")
+    if args.gpu_shape:
+        cfg = qwen25("0.5b", max_position_embeddings=4096)
         dtype = torch.bfloat16
     else:                # ~3M parameters
         cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -267,9 +268,7 @@ def _qwen05():
     if SMOKE:
         return ModelConfig(vocab_size=512, hidden_size=112, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096)
-    return ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-                       rope_theta=1e6, tie_word_embeddings=True, torch_dtype="bfloat16")
+    return qwen25("0.5b", max_position_embeddings=4096)
 
 
 def _best(fn, repeat=10):
@@ -469,9 +468,8 @@ def _logprob_case(dev, N, V, H, dtype, naive):
 
 def gpu_sft():
     """One SFT step at the 0.5B shape as sft.py runs it on CUDA (fp32 weights, bf16 autocast, TF32,
-    fused AdamW): packed rows with the document mask, and plain causal rows; tokens/s and MFU."""
+    fused AdamW): packed rows of documents (attention within each), and plain causal rows; tokens/s and MFU."""
     import sft
-    from model import num_params
     dev, cfg = _dev(), _qwen05()
     B, T, doc = (2, 64, 16) if SMOKE else (4, 2048, 512)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -480,12 +478,10 @@ def gpu_sft():
         model = Transformer(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=dev.type == "cuda")
     ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
-    seg = torch.arange(T, device=dev) // doc
-    docmask = ((seg[:, None] == seg[None, :]) & torch.ones(T, T, dtype=torch.bool, device=dev).tril())[None, None]
     res, flops = {"params": num_params(model), "tokens_per_step": B * T}, 6 * num_params(model) * B * T
-    for name, mask, pos in (("packed_docmask", docmask.expand(B, 1, T, T), (torch.arange(T, device=dev) % doc).expand(B, T)),
+    for name, docs, pos in (("packed_docs", [doc] * (B * T // doc), (torch.arange(T, device=dev) % doc).expand(B, T)),
                             ("causal_rows", None, None)):
-        batch = sft.Batch(ids, pos, mask, ids.roll(-1, 1), None, [], B * T, B * T)
+        batch = sft.Batch(ids, pos, docs, ids.roll(-1, 1), None, [], B * T, B * T)
 
         def step():
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -531,18 +527,68 @@ def bench_gpu(args):
             res[name] = {"error": f"timed out after {limit} s"}
         res[name]["wall_s"] = round(time.time() - t, 1)
         print(f"{name:8s} {json.dumps(res[name])[:600]}", flush=True)
-        with open(args.json or _gpu_json(), "w") as fh:      # after every part: a cut-off run keeps what it measured
+        with open(args.json or _out_json("gpu"), "w") as fh:   # after every part: a cut-off run keeps what it measured
             json.dump(res, fh, indent=2)
     return res
 
 
-def _gpu_json():
-    return os.path.join(os.environ["OUT"], "bench_gpu.json") if os.environ.get("OUT") else "bench_gpu.json"
+def _out_json(what):
+    name = f"bench_{what}.json"
+    return os.path.join(os.environ["OUT"], name) if os.environ.get("OUT") else name
+
+# ------------------------------------------------------------------------------------------------
+# bench.py shard: per-process peak memory of SFT steps of a ~50M-parameter model on 2 CPU processes,
+# a full copy per process (--shard=none) vs FSDP2 (--shard=fsdp)
+
+SHARD_CFG = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def shard_part(shard):
+    """One torchrun process: two SFT steps (weights, gradients and AdamW state all live), then this
+    process's peak resident memory (MiB) on rank 0's stdout, gathered."""
+    import resource
+    import random
+    import parallel
+    import sft
+    from model import _init_weights
+    parallel.init()
+    torch.manual_seed(0)
+    if shard == "fsdp":     # built on the meta device, sharded, then only this process's shards made
+        with torch.device("meta"):
+            model = Transformer(SHARD_CFG)
+        parallel.shard_model(model).to_empty(device="cpu").apply(_init_weights)
+    else:
+        model = Transformer(SHARD_CFG)
+    rng = random.Random(0)
+    data = [([rng.randrange(32000) for _ in range(64)], [rng.randrange(32000) for _ in range(192)]) for _ in range(16)]
+    cfg = sft.SFTConfig(lr=1e-4, max_steps=2, batch_tokens=2048, row_len=256, shard=shard == "fsdp")
+    sft.sft_train(model, data, cfg, log=lambda s: None)
+    peak = parallel.gather([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
+    if parallel.is_main():
+        print(json.dumps({"params": num_params(model), "peak_mib": peak}))
+    parallel.shutdown()
+
+
+def bench_shard(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = {"bench": "shard", "machine": machine(), "processes": 2}
+    for shard in ("none", "fsdp"):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            os.path.abspath(__file__), "shard-part", "--shard", shard], env=env,
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode:
+            raise SystemExit(f"shard {shard}: {r.stderr[-2000:]}")
+        res[shard] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"{shard:>5}: {res[shard]['params'] / 1e6:.0f}M parameters, peak RSS per process "
+              + ", ".join(f"{m:.0f} MiB" for m in res[shard]["peak_mib"]))
+    return res
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["sampler", "logprob", "gpu", "gpu-part"])
+    ap.add_argument("what", choices=["sampler", "logprob", "gpu", "gpu-part", "memory", "shard", "shard-part"])
+    ap.add_argument("--shard", default="fsdp", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="gpu: every part at tiny shapes on the CPU")
     ap.add_argument("--parts", default=",".join(GPU_PARTS), help="gpu: which parts, in order")
     ap.add_argument("--part", help=argparse.SUPPRESS)
@@ -557,17 +603,37 @@ def main():
     ap.add_argument("--n", type=int, default=8192, help="logprob: tokens")
     ap.add_argument("--vocab", type=int, default=151936, help="logprob: vocabulary")
     ap.add_argument("--hidden", type=int, default=896, help="logprob: hidden size")
+    ap.add_argument("--model", default="7b", help="memory: 0.5b | 1.5b | 7b (Qwen2.5 shapes) or a config.json")
+    ap.add_argument("--world", type=int, default=8, help="memory: GPUs FSDP2 shards over")
+    ap.add_argument("--gpu_gb", type=float, default=80.0, help="memory: GiB of one GPU")
+    ap.add_argument("--margin", type=float, default=0.06, help="memory: share of --gpu_gb kept free")
+    ap.add_argument("--act_ckpt", action="store_true", help="memory: activation checkpointing per decoder block")
+    ap.add_argument("--micro_batch", type=int, default=SATORI_MICRO_BATCH, help="memory: sequences per forward")
+    ap.add_argument("--seq_len", type=int, default=SATORI_SEQ_LEN, help="memory: tokens a sequence (prompt + response)")
+    ap.add_argument("--rl_batch", type=int, default=0, help="memory: sampled sequences per RL step (0: config.py's)")
     args = ap.parse_args()
+    if args.what == "shard-part":                # a torchrun child of `shard`
+        return shard_part(args.shard)
     if args.what == "gpu-part":                  # a child of `gpu`: one part, its JSON on the last line
         print(json.dumps(GPU_PARTS[args.part][0]()))
+        return
+    if args.what == "memory":                    # a JSON line; a file with --json or $OUT only (it is cheap)
+        if min(args.world, args.micro_batch, args.seq_len) < 1 or args.rl_batch < 0 or not 0 <= args.margin < 1:
+            raise SystemExit("memory: expected --world, --micro_batch, --seq_len >= 1, --rl_batch >= 0, "
+                             "--margin in [0, 1)")
+        res = bench_memory(args)
+        print(json.dumps(res))
+        if args.json or os.environ.get("OUT"):
+            with open(args.json or _out_json("memory"), "w") as fh:
+                json.dump(res, fh, indent=2)
         return
     if args.what == "sampler" and args.workload == "rl":
         res = bench_rl_rollouts(args)
     elif args.what == "gpu":
         res = bench_gpu(args)
     else:
-        res = {"sampler": bench_sampler, "logprob": bench_logprob}[args.what](args)
-    default = _gpu_json() if args.what == "gpu" else f"bench_{args.what}.json"
+        res = {"sampler": bench_sampler, "logprob": bench_logprob, "shard": bench_shard}[args.what](args)
+    default = _out_json("gpu") if args.what == "gpu" else f"bench_{args.what}.json"
     with open(args.json or default, "w") as fh:
         json.dump(res, fh, indent=2)
     print("wrote", args.json or default)

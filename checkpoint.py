@@ -87,6 +87,54 @@ def _join_optim(tensors, rest):
     return {"state": state, "param_groups": groups}
 
 
+# -----------------------------------------------------------------------------
+# FSDP2 models: each rank writes its own shards (torch.distributed.checkpoint, safetensors files), and a
+# checkpoint loads into any number of processes, one included (the shards are re-cut on load)
+
+SHARDS = "shards"
+
+
+def _model_tensors(model):
+    """A model's (sharded) state for torch.distributed.checkpoint; a tied head is its embedding, stored once."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    tied = hasattr(model, "lm_head") and model.cfg.tie_word_embeddings
+    return {k: v for k, v in get_model_state_dict(model).items() if not (tied and k == "lm_head.weight")}
+
+
+def _owner(opt, models):
+    """The model whose parameters the optimizer updates."""
+    mine = {id(p) for g in opt.param_groups for p in g["params"]}
+    return next(m for m in models.values() if any(id(p) in mine for p in m.parameters()))
+
+
+def _save_shards(path, models, optimizers):
+    """Every rank writes its shards of the models and optimizers under path -> the optimizers'
+    param groups (JSON-able: the rest of their state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    tensors, groups = {f"model.{k}": _model_tensors(m) for k, m in models.items()}, {}
+    for k, o in optimizers.items():
+        osd = get_optimizer_state_dict(_owner(o, models), o)
+        tensors[f"optim.{k}"], groups[k] = osd["state"], osd["param_groups"]
+    dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(path, save_distributed=True))
+    return groups
+
+
+def _load_shards(path, models, optimizers, groups):
+    """What _save_shards wrote, into models and optimizers however they are sharded now."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    tensors = {f"model.{k}": _model_tensors(m) for k, m in models.items()}
+    tensors.update({f"optim.{k}": get_optimizer_state_dict(_owner(o, models), o)["state"] for k, o in optimizers.items()})
+    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(path))     # every tensor, or an error
+    for k, m in models.items():
+        set_model_state_dict(m, tensors[f"model.{k}"], options=StateDictOptions(strict=False))   # strict but the tie
+    for k, o in optimizers.items():
+        groups_k = _join_optim({}, {"state": {}, "param_groups": groups[k]})["param_groups"]     # JSON lists -> tuples
+        set_optimizer_state_dict(_owner(o, models), o, {"state": tensors[f"optim.{k}"], "param_groups": groups_k})
+
+
 def _rng_tensors(generators):
     t = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():   # this rank's device only: touching the others would give them a context
@@ -120,9 +168,9 @@ def latest(root):
 
 def save(root, name, models, optimizers, meta, keep=2, generators=None):
     """Write root/name atomically (see the top of the file); every rank must call it (each writes its
-    own RNG file; rank 0 the rest). Then delete all but the newest `keep` checkpoints (keep <= 0:
-    keep all). models / optimizers / generators: {key: object}; meta: JSON-able dict, returned by
-    load; an int meta["step"] orders the checkpoints. -> the checkpoint's path."""
+    own RNG file and, for FSDP2 models, its shards; rank 0 the rest). Then delete all but the newest
+    `keep` checkpoints (keep <= 0: keep all). models / optimizers / generators: {key: object}; meta:
+    JSON-able dict, returned by load; an int meta["step"] orders the checkpoints. -> its path."""
     r = parallel.rank()
     tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
     if r == 0:
@@ -134,16 +182,17 @@ def save(root, name, models, optimizers, meta, keep=2, generators=None):
     parallel.barrier()
     _write_tensors(_rng_tensors(generators), os.path.join(tmp, f"rng-rank{r}.safetensors"),
                    {"python": json.dumps(random.getstate())})
-    parallel.barrier()                                # every rank's RNG file is on disk
+    sharded = any(parallel.is_sharded(m) for m in models.values())
+    optim = _save_shards(os.path.join(tmp, SHARDS), models, optimizers) if sharded else {}
+    parallel.barrier()                                # every rank's files are on disk
     if r == 0:
-        optim = {}
-        for k, m in models.items():
+        for k, m in models.items() if not sharded else ():
             save_model(m, os.path.join(tmp, f"{k}.safetensors"))     # shared tensors stored once
             _fsync(os.path.join(tmp, f"{k}.safetensors"))
-        for k, o in optimizers.items():
+        for k, o in optimizers.items() if not sharded else ():
             tensors, optim[k] = _split_optim(o)
             _write_tensors(tensors, os.path.join(tmp, f"optim-{k}.safetensors"))
-        _write_json({"meta": meta, "world_size": parallel.world(), "optimizers": optim,
+        _write_json({"meta": meta, "world_size": parallel.world(), "optimizers": optim, "sharded": sharded,
                      "saved_ns": time.time_ns()}, os.path.join(tmp, META))   # last: marks it complete
         _fsync(tmp)
         if os.path.exists(final):                     # the same name again: move the old one aside
@@ -164,7 +213,10 @@ def load(path, models, optimizers, generators=None):
     rank's RNG states from a checkpoint written by save. -> the meta dict given to save."""
     with open(os.path.join(path, META)) as f:
         rec = json.load(f)
-    if rec["world_size"] != parallel.world():
+    if rec.get("sharded"):
+        _load_shards(os.path.join(path, SHARDS), models, optimizers, rec["optimizers"])
+        models, optimizers = {}, {}
+    elif rec["world_size"] != parallel.world():
         raise ValueError(f"{path}: written by {rec['world_size']} processes, this run has {parallel.world()}; "
                          "resume with the same number of processes")
     for k, m in models.items():
@@ -177,7 +229,10 @@ def load(path, models, optimizers, generators=None):
         if k not in rec["optimizers"]:
             raise ValueError(f"{path}: no optimizer {k!r} in this checkpoint")
         o.load_state_dict(_join_optim(load_file(os.path.join(path, f"optim-{k}.safetensors")), rec["optimizers"][k]))
-    with safe_open(os.path.join(path, f"rng-rank{parallel.rank()}.safetensors"), framework="pt") as f:
+    rng_file = os.path.join(path, f"rng-rank{parallel.rank()}.safetensors")
+    if rec["world_size"] != parallel.world() and not os.path.isfile(rng_file):
+        return rec["meta"]         # resharded onto more processes: this rank's RNG starts from the seed
+    with safe_open(rng_file, framework="pt") as f:
         version, state, gauss = json.loads(f.metadata()["python"])
         rng = {k: f.get_tensor(k) for k in f.keys()}
     random.setstate((version, tuple(state), gauss))
@@ -205,7 +260,7 @@ def resume(root, models, optimizers, stage, steps, log=print):
         if (meta.get("stage"), meta.get("steps")) != (stage, steps):
             raise SystemExit(f"{path}: checkpoint of stage {meta.get('stage')!r} with {meta.get('steps')} steps, but "
                              f"this run is {stage!r} with {steps} steps (other data or config?): use another --out")
-        if rec.get("world_size") != parallel.world():
+        if rec.get("world_size") != parallel.world() and not rec.get("sharded"):
             raise SystemExit(f"{path}: written by {rec.get('world_size')} processes, this run has {parallel.world()}; "
                              "resume with the same number of processes")
         try:
@@ -214,7 +269,10 @@ def resume(root, models, optimizers, stage, steps, log=print):
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
             error = str(e).splitlines()[0] if str(e) else type(e).__name__
         if parallel.all_sum(int(error is not None)) == 0:      # every rank loaded it
-            log(f"{stage}: resumed from {path} at step {meta['step']}/{steps}")
+            other = rec.get("world_size") != parallel.world()
+            log(f"{stage}: resumed from {path} at step {meta['step']}/{steps}" + (
+                f", resharded from {rec.get('world_size')} processes to {parallel.world()} (the random streams "
+                "differ from those of an uninterrupted run)" if other else ""))
             return meta
         log(f"{stage}: cannot resume from {path} ({error or 'another process could not load it'}); "
             "trying the one before")

@@ -41,6 +41,8 @@ class Config:
     tensorboard: bool = False     # also write metrics as TensorBoard scalars to out/tensorboard (needs the tensorboard package)
     dtype: str = "auto"           # compute of every training forward (fp32 master weights): auto = bfloat16 on CUDA, float32 on CPU
     tf32: bool = True             # on CUDA, fp32 matmuls (model and kernels) on TF32 tensor cores: ~8x faster, 10-bit mantissa
+    shard: str = "fsdp"           # under torchrun: fsdp = FSDP2 shards of the SFT-like stages' models; none = a full copy per process
+    act_ckpt: bool = False        # training forwards keep each block's input only, recomputing the rest in backward: ~1/3 more compute
     # a user's model and data instead of the built-in ones
     model: str = ""               # HF Qwen2 directory used as the base model (skips pretraining)
     data: str = ""                # JSONL of problems: {"question","answer"}, GSM8K or MATH lines
@@ -175,7 +177,7 @@ RENAMED = {"rl_samples": "rl_group", "rl2_samples": "rl2_group", "group_size": "
            "rae_samples": "rae_group", "distill_samples": "distill_group", "synth_samples": "synth_group"}
 # options that say how to run, not what to compute: a resumed run may change them
 NOT_SIGNATURE = ("stages", "resume", "device", "overwrite", "config", "debug", "out", "min_free_gb", "ckpt_every",
-                 "rl_ckpt_every", "ckpt_keep", "log_every", "cuda_graphs", "tensorboard")
+                 "rl_ckpt_every", "ckpt_keep", "log_every", "cuda_graphs", "tensorboard", "act_ckpt")
 
 
 def _what(typ):
@@ -328,6 +330,7 @@ _IN_RANGE = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v
              "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1,
              "in [0, 1)": lambda v: 0 <= v < 1, "of any sign": lambda v: True}
 CHOICES = {"algo": ALGOS, "sampler_dtype": ("auto", "float32", "bfloat16"), "dtype": ("auto", "float32", "bfloat16"),
+           "shard": ("fsdp", "none"),
            "rlsp_schedule": ("constant", "linear_decay"), "prompt": PROMPT_STYLES}
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,6 +106,39 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def repeat_kv(x, rep):
+    """[..., kv_heads, T, hd] -> [..., kv_heads * rep, T, hd], query head h reading kv head h // rep
+    (x.repeat_interleave(rep, -3), as a view, expand and one copy)."""
+    return x[..., None, :, :].expand(*x.shape[:-2], rep, *x.shape[-2:]).flatten(-4, -3)
+
+
+def causal_attention(q, k, v):
+    """Causal SDPA of q [..., heads, T, hd] over k, v [..., kv_heads, T, hd] -> [..., heads, T, hd].
+    On CUDA, torch 2.13's flash kernel (fp16/bf16, autocast included) takes GQA as it is, but its
+    memory-efficient kernel (the one for fp32) does not: there k, v are repeated to every head (a
+    copy of [..., heads, T, hd]), else SDPA would fall back to the math kernel's [heads, T, T] scores.
+    On CPU the flash kernel takes GQA in any dtype: the call is unchanged."""
+    rep = q.shape[-3] // k.shape[-3]
+    half = q.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cuda")
+    if q.is_cuda and rep > 1 and not half:
+        k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def doc_attention(q, k, v, docs):
+    """Causal attention within each document of packed rows, never across: q [B, T, heads, hd],
+    k, v [B, T, kv_heads, hd] -> [B, T, heads, hd]. docs: the lengths of the documents laid end to
+    end over the B * T flattened positions (a row's padding tail is one more), as sft.collate gives.
+    One causal SDPA per document: no [T, T] mask or scores, and sum(n^2) work instead of B * T^2, for
+    one kernel launch per document and layer (on CUDA, the price of not padding each document)."""
+    B, T = q.shape[:2]
+    # split's backward is one cat, where slicing per document would add a full-size gradient per slice
+    per_doc = zip(*(x.flatten(0, 1).split(docs) for x in (q, k, v)))       # [n, heads or kv_heads, hd]
+    ys = [causal_attention(*(x.transpose(0, 1) for x in qkv)).transpose(0, 1) for qkv in per_doc]
+    # the cat is one copy of the output more than the causal path keeps: the kernels save theirs
+    return torch.cat(ys).view(B, T, *ys[0].shape[1:])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -115,7 +149,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, docs=None):
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.hd), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd), cos, sin)
@@ -124,10 +158,12 @@ class Attention(nn.Module):
             # The sampler owns the paged KV cache: it stores k/v and attends over what is cached.
             # Its tokens come packed as one row (B == 1): q [T, heads, hd] -> [T, heads, hd].
             y = cache.attend(self.layer_idx, q[0], k[0], v[0])[None]
+        elif docs is not None:
+            y = doc_attention(q, k, v, docs)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, heads, T, hd]
             if attn_mask is None:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                y = causal_attention(q, k, v)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
             y = y.transpose(1, 2)
@@ -153,8 +189,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, docs=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, docs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -167,6 +203,7 @@ class Trunk(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self._rope, self._rope_kept = {}, []   # (device, dtype) -> rotary table (not a parameter: not saved)
+        self.act_ckpt = False   # training forwards recompute each block's activations in backward (--act_ckpt)
 
     def rope(self, n, device, dtype):
         """The rotary table of at least n positions, built once per device and dtype (positions index
@@ -179,9 +216,10 @@ class Trunk(nn.Module):
             cos, sin = self._rope[(device, dtype)] = rope_table(n, self.cfg.head_dim, self.cfg.rope_theta, device, dtype)
         return cos, sin
 
-    def forward(self, input_ids, positions=None, attn_mask=None, cache=None):
+    def forward(self, input_ids, positions=None, attn_mask=None, cache=None, docs=None):
         """input_ids [B, T] -> final hidden states [B, T, H]. positions default to 0..T-1;
-        attn_mask (bool [B, 1, T, T], True = attend) replaces the causal mask, e.g. for packed rows."""
+        docs (document lengths, see doc_attention) makes packed rows attend within each document;
+        attn_mask (bool [B, 1, T, T], True = attend) replaces the causal mask, e.g. as a reference."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.embed_tokens(input_ids)
@@ -190,8 +228,13 @@ class Trunk(nn.Module):
                                                                               input_ids.shape[1])
         cos, sin = self.rope(need, x.device, x.dtype)
         cos, sin = cos[positions], sin[positions]
+        # only a forward that will be backpropagated: never sampling (cache) nor eval
+        ckpt = self.act_ckpt and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask, cache)
+            if ckpt:   # keeps each block's input [B, T, H] only; the rest is recomputed in backward
+                x = checkpoint(layer, x, cos, sin, attn_mask, None, docs, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask, cache, docs)
         return self.norm(x)
 
 
@@ -207,11 +250,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(_init_weights)
 
-    def hidden(self, input_ids, positions=None, attn_mask=None, cache=None):
-        return self.model(input_ids, positions, attn_mask, cache)
+    def hidden(self, input_ids, positions=None, attn_mask=None, cache=None, docs=None):
+        return self.model(input_ids, positions, attn_mask, cache, docs)
 
-    def forward(self, input_ids, positions=None, attn_mask=None, cache=None):
-        return self.lm_head(self.hidden(input_ids, positions, attn_mask, cache))
+    def forward(self, input_ids, positions=None, attn_mask=None, cache=None, docs=None):
+        return self.lm_head(self.hidden(input_ids, positions, attn_mask, cache, docs))
 
     @property
     def device(self):
@@ -221,11 +264,12 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None):
         return load_pretrained(cls, path, device, dtype)
 
-    def save_pretrained(self, path, token_ids=None, stop_ids=None):
+    def save_pretrained(self, path, token_ids=None, stop_ids=None, state_dict=None):
         """config.json + model.safetensors. token_ids (Tokenizer.special_token_ids: bos, eos, pad) go
         into config.json and, with eos = stop_ids, into generation_config.json, so that transformers'
-        generate stops where our sampler does."""
-        save_model(self, path, {"architectures": ["Qwen2ForCausalLM"], **(token_ids or {})})
+        generate stops where our sampler does. state_dict: the weights to write (default: the model's;
+        an FSDP2 model's gathered by parallel.full_state_dict)."""
+        save_model(self, path, {"architectures": ["Qwen2ForCausalLM"], **(token_ids or {})}, state_dict)
         if token_ids:
             with open(os.path.join(path, "generation_config.json"), "w") as fh:
                 json.dump({**token_ids, "eos_token_id": list(stop_ids or [token_ids["eos_token_id"]])}, fh, indent=2)
@@ -258,8 +302,8 @@ class ValueModel(nn.Module):
         self.apply(_init_weights)
         nn.init.zeros_(self.score.weight)   # start as a constant critic
 
-    def forward(self, input_ids, positions=None, attn_mask=None):
-        return self.score(self.model(input_ids, positions, attn_mask)).squeeze(-1)   # [B, T]
+    def forward(self, input_ids, positions=None, attn_mask=None, docs=None):
+        return self.score(self.model(input_ids, positions, attn_mask, docs=docs)).squeeze(-1)   # [B, T]
 
     @classmethod
     def from_policy(cls, policy: Transformer):
@@ -271,10 +315,11 @@ class ValueModel(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None):
         return load_pretrained(cls, path, device, dtype)
 
-    def save_pretrained(self, path, token_ids=None, stop_ids=None):
+    def save_pretrained(self, path, token_ids=None, stop_ids=None, state_dict=None):
         # Same tensor names as transformers' Qwen2ForTokenClassification with one label. stop_ids:
         # unused (a value model does not generate), taken so that either model saves the same way.
-        save_model(self, path, {"architectures": ["Qwen2ForTokenClassification"], "num_labels": 1, **(token_ids or {})})
+        save_model(self, path, {"architectures": ["Qwen2ForTokenClassification"], "num_labels": 1, **(token_ids or {})},
+                   state_dict)
 
 
 def compute_dtype(name, device):
@@ -317,11 +362,18 @@ def load_config(path) -> ModelConfig:
 
 
 def load_pretrained(cls, path, device=None, dtype=None):
-    """cls(config) with the checkpoint's weights, in `dtype` (default: the config's torch_dtype)."""
+    """cls(config) with the checkpoint's weights, in `dtype` (default: the config's torch_dtype), on
+    `device` (default: the CPU). The model is built on the meta device and its storage allocated
+    where it will live, uninitialised: no random init, no host copy of a GPU model, and tensors are
+    read one at a time (load_weights refuses a checkpoint that leaves any of it unset)."""
     cfg = load_config(path)
-    model = cls(cfg).to(dtype or DTYPES[cfg.torch_dtype])
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to(dtype or DTYPES[cfg.torch_dtype]).to_empty(device=device or "cpu")   # allocated once, in its dtype
+    if isinstance(model, Transformer) and cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight      # one tensor, as built
     load_weights(model, path)
-    return model.to(device) if device is not None else model
+    return model
 
 
 def weight_files(path):
@@ -364,13 +416,13 @@ def load_weights(model: nn.Module, path):
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
-def save_model(model: nn.Module, path, extra: dict):
+def save_model(model: nn.Module, path, extra: dict, state_dict=None):
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     cfg = model.cfg.to_hf()
     cfg["torch_dtype"] = next(k for k, v in DTYPES.items() if v == next(model.parameters()).dtype)
     cfg.update(extra)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
     if model.cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)   # safetensors refuses shared storage; HF re-ties on load
     tmp = os.path.join(path, "model.safetensors.tmp")

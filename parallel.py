@@ -113,6 +113,40 @@ def rebalance(local_items):
     return shard(items[:n]), len(items) - n
 
 
+def shard_model(model, param_dtype=None):
+    """FSDP2 over the processes, in place: one unit per decoder block plus the root (embedding, final
+    norm, head), fp32 master weights sharded, each unit gathered for its forward and backward in
+    param_dtype (None: as stored), gradients reduce-scattered in fp32. They are summed, not averaged:
+    our losses are normalised by global counts, as with sync_grads. hidden() runs as a forward
+    (our losses call it and the fused head outside forward). -> model"""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):       # every unit reduces on its own: each needs both settings
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)   # gloo has no pre-scaled sum
+    if hasattr(model, "hidden"):
+        register_fsdp_forward_method(model, "hidden")
+    return model
+
+
+def is_sharded(model):
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model):
+    """The model's state as whole tensors: its state_dict, or under FSDP2 the shards gathered (a
+    collective: every rank calls it; rank 0 gets CPU tensors, the others {})."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def sync_grads(params):
     """Sum .grad over ranks, in place. Why not DDP: our losses call model.hidden() and fused kernels
     outside forward(), which DDP's hooks do not see, and a rank without data skips its forward.

@@ -309,6 +309,8 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
     dev = next(policy.parameters()).device
     pcfg, pool, dtype = algo_config(cfg, group), as_pools(pool), compute_dtype(cfg.dtype, dev)
     models = {k: v for k, v in (("policy", policy), ("critic", critic)) if v is not None}
+    for m in models.values():
+        m.model.act_ckpt = cfg.act_ckpt      # the update's forwards only: sampling and eval never checkpoint
     opts = {k: torch.optim.AdamW(m.parameters(), lr=lr, betas=cfg.betas, weight_decay=0.0)
             for k, m, lr in (("opt", policy, cfg.actor_lr), ("copt", critic, cfg.critic_lr)) if m is not None}
     # every random draw of a step is seeded by the step, so the step is all the position a resume needs

@@ -8,8 +8,8 @@ train.py calls these for pretraining of the built-in base model, format tuning, 
 the ORM:  python train.py --stages=pretrain,sft
 
 Batches are packed, padding-free: whole documents (prompt + response) are laid end to end in rows
-of `row_len` tokens; a block-diagonal causal mask keeps them from seeing each other and positions
-restart at 0 for each, so a packed row computes exactly what the documents would alone. The loss is
+of `row_len` tokens; attention is causal within each document (model.doc_attention), never across, and
+positions restart at 0 for each, so a packed row computes exactly what the documents would alone. The loss is
 on response tokens only (the prompt is context), normalised over the whole optimizer step (all
 micro-batches of one accumulation), so splitting a step into micro-batches never changes it.
 The same holds across processes: under torchrun each rank trains on its share of every micro-batch's
@@ -50,6 +50,8 @@ class SFTConfig:
     log_every: int = 10           # optimizer steps between progress lines
     max_bad_steps: int = 5        # non-finite steps in a row (each skipped) before the run aborts
     dtype: torch.dtype = torch.float32   # forward compute (model.autocast); the weights stay fp32
+    act_ckpt: bool = False        # recompute each block's activations in backward (model.Trunk.act_ckpt)
+    shard: bool = False           # under torchrun, FSDP2 (parallel.shard_model) instead of a full copy per process
 
 
 # -----------------------------------------------------------------------------
@@ -94,7 +96,8 @@ def pack(lengths, row_len, batch_tokens, rng):
 class Batch:
     ids: torch.Tensor       # [B, T] packed tokens (rows right-padded to the longest row)
     pos: torch.Tensor       # [B, T] position of each token inside its own document
-    mask: torch.Tensor      # [B, 1, T, T] bool, True = attend: causal within a document only
+    docs: list              # document lengths over the B * T flattened positions, a row's pad tail one more:
+                            # attention is causal within a document only (model.doc_attention)
     targets: torch.Tensor   # [B, T] next token of the same document, IGNORE where there is no loss
     ends: torch.Tensor      # [D] flat index b * T + t of every document's last token, in unit order
     units: list             # unit indices in the order their documents appear in `ends`
@@ -110,9 +113,8 @@ def collate(rows, units, pad_id=0, device="cpu"):
     B = len(rows)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     pos = torch.zeros(B, T, dtype=torch.long)
-    seg = torch.full((B, T), -1, dtype=torch.long)          # document id per position; pads share -1
     targets = torch.full((B, T), IGNORE, dtype=torch.long)
-    ends, order, doc = [], [], 0
+    ends, order, docs = [], [], []
     for b, row in enumerate(rows):
         t = 0
         for i in row:
@@ -120,7 +122,7 @@ def collate(rows, units, pad_id=0, device="cpu"):
             for d, n_prompt, keep in units[i]:
                 n = len(d)
                 x = torch.tensor(d, dtype=torch.long)
-                ids[b, t:t + n], pos[b, t:t + n], seg[b, t:t + n] = x, torch.arange(n), doc
+                ids[b, t:t + n], pos[b, t:t + n] = x, torch.arange(n)
                 # position j predicts d[j + 1]; only response tokens (index >= n_prompt) are targets
                 k = max(n_prompt, 1)
                 y = x[k:]
@@ -128,14 +130,14 @@ def collate(rows, units, pad_id=0, device="cpu"):
                     y = y.masked_fill(~torch.tensor(keep[k - n_prompt:], dtype=torch.bool), IGNORE)
                 targets[b, t + k - 1:t + n - 1] = y
                 ends.append(b * T + t + n - 1)
-                t, doc = t + n, doc + 1
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = (seg[:, :, None] == seg[:, None, :]) & causal     # pads attend to earlier pads: no empty rows
-    n_tokens = int((seg >= 0).sum())
+                docs.append(n)
+                t += n
+        if t < T:
+            docs.append(T - t)                               # the padding: one more segment, never read
+    n_tokens = sum(len(d) for row in rows for i in row for d, *_ in units[i])
     n_loss = int((targets != IGNORE).sum())
     to = lambda x: x.to(device, non_blocking=True)
-    return Batch(to(ids), to(pos), to(mask[:, None]), to(targets), to(torch.tensor(ends)), order,
-                 n_tokens, n_loss)
+    return Batch(to(ids), to(pos), docs, to(targets), to(torch.tensor(ends)), order, n_tokens, n_loss)
 
 
 # -----------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def collate(rows, units, pad_id=0, device="cpu"):
 def sft_loss(model, batch):
     """-sum log p(target) over the batch's response tokens; the head is fused with the log-softmax
     (logprobs.token_logprobs), so [B, T, V] logits never exist."""
-    h = model.hidden(batch.ids, batch.pos, batch.mask)               # [B, T, H]
+    h = model.hidden(batch.ids, batch.pos, docs=batch.docs)          # [B, T, H]
     sel = batch.targets != IGNORE                                    # [B, T]
     lp = logprobs.token_logprobs(h[sel], model.lm_head.weight, batch.targets[sel])   # [N] fp32
     return -lp.sum(), {}
@@ -158,7 +160,7 @@ def bt_loss(r_chosen, r_rejected, margin=2.0):
 def orm_loss(value_model, batch, margin):
     """Reward of a document = the value model's output at its last token; units are
     (chosen, rejected) pairs, so batch.ends reads [r+, r-, r+, r-, ...]."""
-    v = value_model(batch.ids, batch.pos, batch.mask).float()        # [B, T]
+    v = value_model(batch.ids, batch.pos, docs=batch.docs).float()   # [B, T]
     r = v.flatten()[batch.ends].view(-1, 2)                          # [pairs, 2]
     return bt_loss(r[:, 0], r[:, 1], margin) * r.shape[0], {"acc": (r[:, 0] > r[:, 1]).float().sum().item()}
 
@@ -253,16 +255,21 @@ def _optimizer(model, cfg, device):
     return params, torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
 
 
-def _accumulate(model, rows, units, loss_fn, per, device, dtype, win):
+def _accumulate(model, rows, units, loss_fn, per, device, dtype, win, sharded=False):
     """Forward and backward of one optimizer step's micro-batches (this rank's rows of each), the
     loss normalised by the step's GLOBAL count of loss tokens (per="tokens") or units (per="units")
-    -> (this rank's part of the step's loss, its tokens); loss_fn's extra metrics go to win."""
-    micro = [collate(r, units, 0, device) for r in rows if r]                # may be [] on a rank
-    denom = max(1, parallel.all_sum(sum(b.n_loss if per == "tokens" else len(b.units) for b in micro)))
+    -> (this rank's part of the step's loss, its tokens); loss_fn's extra metrics go to win. Sharded,
+    every rank runs every micro-batch (FSDP2's gathers are collectives): a rank with no rows for one
+    runs a stand-in row whose loss counts zero."""
+    micro = [(r, collate(r or [[0]], units, 0, device)) for r in rows if r or sharded]    # may be [] on a rank
+    denom = max(1, parallel.all_sum(sum(b.n_loss if per == "tokens" else len(b.units) for r, b in micro if r)))
     step_loss, step_tokens = 0.0, 0
-    for b in micro:
+    for r, b in micro:
         with autocast(device, dtype):
             loss_sum, extra = loss_fn(model, b)
+        if not r:
+            (loss_sum * 0.0).backward()
+            continue
         (loss_sum / denom).backward()
         step_loss += loss_sum.item() / denom
         step_tokens += b.n_tokens
@@ -324,6 +331,9 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
     say = log if rank == 0 else (lambda s: None)
     plan = _plan_run(units, cfg, name)
     steps = math.ceil(len(plan) / cfg.grad_accum)
+    sharded = cfg.shard and world > 1
+    if sharded and not parallel.is_sharded(model):      # before the optimizer: it holds the shards
+        parallel.shard_model(model, None if cfg.dtype == torch.float32 else cfg.dtype)
     params, opt = _optimizer(model, cfg, device)
     # the loop's state: what a checkpoint saves besides weights, optimizer and RNG
     run = {"stage": name, "step": 0, "steps": steps, "losses": [], "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0}
@@ -334,6 +344,7 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
         run = {**run, **(checkpoint.resume(ckpt_dir, {"model": model}, {"opt": opt}, name, steps, say) or {})}
     start, losses, tokens = run["step"], run["losses"], run["tokens"]
     model.train()
+    model.model.act_ckpt = cfg.act_ckpt
     last, win = {"loss": losses[-1] if losses else float("nan")}, _window(tokens)
     t0, tokens0 = time.time(), tokens
     for step in range(start, steps):
@@ -341,11 +352,13 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
         for g in opt.param_groups:
             g["lr"] = lr
         rows = [r[rank::world] for r in plan[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
-        step_loss, step_tokens = _accumulate(model, rows, units, loss_fn, per, device, cfg.dtype, win)
-        parallel.sync_grads(params)
+        step_loss, step_tokens = _accumulate(model, rows, units, loss_fn, per, device, cfg.dtype, win, sharded)
+        if not sharded:     # FSDP2 has reduce-scattered them in backward
+            parallel.sync_grads(params)
         step_loss, step_tokens = parallel.all_sum([step_loss, step_tokens])
         tokens += step_tokens
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        gnorm = (gnorm.full_tensor() if sharded else gnorm).item()      # sharded: a DTensor
         run["bad_in_a_row"] = skip_if_nonfinite({"loss": step_loss, "grad norm": gnorm}, run["bad_in_a_row"],
                                                 cfg.max_bad_steps, f"{name} step {step + 1}/{steps}", say)
         if run["bad_in_a_row"]:

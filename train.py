@@ -136,12 +136,15 @@ def save_output(cfg, state, name, write):
 def save_stage(cfg, state, name, model, tok, models=None, write=None):
     """out/<name> as a complete HF directory (+ models: {subdirectory: model}, e.g. the critic;
     + write(dir): more files)."""
+    # every process: gathering an FSDP2 model's shards is a collective (rank 0 then writes)
+    states = {sub: parallel.full_state_dict(m) for sub, m in {"": model, **(models or {})}.items()}
+
     def save(tmp):
         # the token ids in config.json and generation_config.json: transformers' generate stops as ours
-        model.save_pretrained(tmp, tok.special_token_ids, tok.stop_ids)
+        model.save_pretrained(tmp, tok.special_token_ids, tok.stop_ids, states[""])
         tok.save_pretrained(tmp)
         for sub, m in (models or {}).items():
-            m.save_pretrained(os.path.join(tmp, sub), tok.special_token_ids)
+            m.save_pretrained(os.path.join(tmp, sub), tok.special_token_ids, state_dict=states[sub])
         if write:
             write(tmp)
     return save_output(cfg, state, name, save)
@@ -166,8 +169,9 @@ def sft_config(cfg, prefix, **kw):
     """The SFTConfig of one stage: its `<prefix>_*` fields plus the shared ones."""
     own = {f.name: getattr(cfg, f"{prefix}_{f.name}") for f in fields(SFTConfig) if hasattr(cfg, f"{prefix}_{f.name}")}
     shared = {k: getattr(cfg, k) for k in ("warmup_frac", "min_lr_ratio", "grad_accum", "clip", "betas",
-                                           "log_every", "seed")}
-    return SFTConfig(**{**shared, **own, "dtype": compute_dtype(cfg.dtype, get_device(cfg)), **kw})
+                                           "log_every", "seed", "act_ckpt")}
+    return SFTConfig(**{**shared, **own, "dtype": compute_dtype(cfg.dtype, get_device(cfg)), "shard": cfg.shard == "fsdp",
+                        **kw})
 
 
 # -----------------------------------------------------------------------------
@@ -403,6 +407,7 @@ def stage_rlt(cfg, state):
         model, _ = load_stage(cfg, "base")
         sft_train(model, ex, sft_config(cfg, "distill", max_steps=cfg.rlt_student_steps), **loop_kw(cfg, state, name))
         save_stage(cfg, state, name, model, tok)
+        model = load_stage(cfg, name)[0]           # whole again (trained, it may be sharded)
         m = evaluate(model, tok, state["test"], max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch,
                      log=log, name=f"rlt {name}")
         results[name] = m["pass_at_1"]

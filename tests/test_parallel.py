@@ -7,6 +7,7 @@ runs the checks below on each rank and rank 0 writes the trained weights to OUT.
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,9 +117,11 @@ def ppo_refuses_uneven_splits():
             assert msg in str(e) and ("world size 2" in str(e) or mb == 8), e
 
 
-def train(kind):
-    """The model after one step of `kind`, in this process (whatever the world size)."""
+def train(kind, **extra):
+    """The model after one step of `kind`, in this process (whatever the world size); extra:
+    SFTConfig fields (shard=True: FSDP2 over the processes; dtype)."""
     cfg, data = RUNS[kind]
+    cfg = {**cfg, **extra}
     torch.manual_seed(0)
     model = Transformer(CFG)
     quiet = dict(log=lambda s: None)
@@ -129,7 +132,43 @@ def train(kind):
         sft.orm_train(model, data, sft.SFTConfig(**cfg), margin=1.0, **quiet)
     else:
         sft.sft_train(model, data, sft.SFTConfig(**cfg), **quiet)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return {k: v.detach().clone() for k, v in parallel.full_state_dict(model).items() if k != "lm_head.weight"}
+
+
+def sft_grads(shard=False):
+    """The gradients of one SFT micro-batch of 4 rows (this rank's share of them), summed over the
+    processes (FSDP2 reduce-scatters them; gathered whole here). AdamW and clipping are blind to a
+    gradient's scale, so the steps above would not show a mean taken instead of the sum: this does."""
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    if shard:
+        parallel.shard_model(model)
+    units = [[(p + r, len(p), None)] for p, r in EXAMPLES[:8]]
+    rows = [[[0, 1], [2, 3], [4, 5], [6, 7]][parallel.rank()::parallel.world()]]
+    win = {"extra": {}, "n": 0}
+    sft._accumulate(model, rows, units, sft.sft_loss, "tokens", torch.device("cpu"), torch.float32, win, shard)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return {n: (g.full_tensor() if shard else g).clone() for n, g in grads.items()}
+
+
+def sharded_resume(out):
+    """sft under FSDP2 with checkpoints every 2 of 4 steps, then the same run resumed from step 2:
+    the same final weights, bitwise. -> (the weights, the step-2 checkpoint's directory)."""
+    cfg = sft.SFTConfig(lr=1e-3, max_steps=4, batch_tokens=24, row_len=8, warmup_frac=0.0, shard=True)
+    root, weights = os.path.join(out, "ck-sharded"), []
+    for attempt in range(2):
+        torch.manual_seed(0)
+        model = Transformer(CFG)
+        if attempt == 1 and parallel.rank() == 0:
+            import shutil
+            shutil.rmtree(os.path.join(root, "step-00000004"))          # as if killed after step 3
+        parallel.barrier()
+        sft.sft_train(model, EXAMPLES, cfg, log=lambda s: None, ckpt_dir=root, ckpt_every=2, keep=0)
+        weights.append({k: v.clone() for k, v in parallel.full_state_dict(model).items() if k != "lm_head.weight"})
+    if parallel.rank() == 0:
+        assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])
+        assert sorted(os.listdir(os.path.join(root, "step-00000002", checkpoint.SHARDS)))[0].endswith(".safetensors")
+    return weights[0]
 
 
 def rl_step_with_uneven_ranks():
@@ -184,6 +223,28 @@ def resume_falls_back_together(out):
     logs = []
     assert checkpoint.resume(root, {"m": model}, {}, "t", 3, log=logs.append)["step"] == 1
     assert "cannot resume from" in logs[0] and "step-2" in logs[0], logs
+
+
+def fsdp_worker(out):
+    """The FSDP2 runs, in their own processes: DTensor's caches keep the group (and gloo's threads)
+    alive after shutdown, which the check at the end of worker() would report; the processes still
+    exit cleanly, which torchrun's exit code shows."""
+    torch.set_num_threads(1)
+    rank = parallel.init()[0]
+    results = {f"fsdp_{kind}": train(kind, shard=True) for kind in RUNS}
+    results["fsdp_bf16_sft"] = train("sft", shard=True, dtype=torch.bfloat16)
+    results["fsdp_act_ckpt_sft"] = train("sft", shard=True, act_ckpt=True)
+    results["fsdp_resumed"] = sharded_resume(out)
+    results["fsdp_grads"] = sft_grads(shard=True)
+    import train as trainer      # a stage trained under FSDP2 writes a whole HF directory (and ends the group)
+    trainer.main([f"--out={os.path.join(out, 'run')}", "--stages=pretrain", "--base=", "--n_train=64", "--n_test=4",
+                  "--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2", "--vocab_size=300",
+                  "--pretrain_steps=2", "--pretrain_batch_tokens=1024"])
+    if rank == 0:
+        for kind, sd in results.items():
+            save_file(sd, os.path.join(out, f"{kind}.safetensors"))
+    parallel.barrier()
+    parallel.shutdown()
 
 
 def worker(out):
@@ -245,8 +306,9 @@ def test_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}    # gloo on the CPU, GPU or not
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.abspath(__file__), str(tmp_path)]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for part in ("dp", "fsdp"):
+        p = subprocess.run(cmd + [part], env=env, capture_output=True, text=True, timeout=180)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for kind in RUNS:
         want, got = train(kind), load_file(tmp_path / f"{kind}.safetensors")
         assert want.keys() == got.keys()
@@ -264,10 +326,41 @@ def test_two_processes_match_one(tmp_path):
         assert infos[run].keys() == info.keys() and info["skipped_steps"] == 0, (run, info)
         for k in info:   # the metrics are global too
             assert abs(infos[run][k] - info[k]) < 1e-5, (run, k, infos[run][k], info[k])
+    # FSDP2: the same step as one process holding the whole batch (fp32), or close to it in bf16
+    for kind in RUNS:
+        want, got = train(kind), load_file(tmp_path / f"fsdp_{kind}.safetensors")
+        assert want.keys() == got.keys(), kind
+        for k in want:
+            assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), (kind, k, (got[k] - want[k]).abs().max())
+    got = load_file(tmp_path / "fsdp_act_ckpt_sft.safetensors")       # recomputing blocks inside FSDP2 units
+    assert all(torch.allclose(got[k], v, rtol=1e-5, atol=1e-6) for k, v in train("sft").items())
+    want, got = sft_grads(), load_file(tmp_path / "fsdp_grads.safetensors")
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7), (k, (got[k] - want[k]).abs().max())
+    want, got = train("sft", dtype=torch.bfloat16), load_file(tmp_path / "fsdp_bf16_sft.safetensors")
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 2e-3           # lr 1e-3: one step
+    # the stage trained under FSDP2: a whole HF directory, whose logits transformers computes as we do
+    from transformers import Qwen2ForCausalLM
+    path = tmp_path / "run" / "base"
+    ours, hf = Transformer.from_pretrained(str(path)), Qwen2ForCausalLM.from_pretrained(str(path)).eval()
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids), hf(ids).logits, atol=1e-5)
+    # a sharded checkpoint of 2 processes resumes in 1: the shards are re-cut, the run completes
+    root = tmp_path / "ck-sharded"
+    shutil.rmtree(root / "step-00000004")
+    torch.manual_seed(0)
+    one = Transformer(CFG)
+    cfg = sft.SFTConfig(lr=1e-3, max_steps=4, batch_tokens=24, row_len=8, warmup_frac=0.0, shard=True)
+    logs = []
+    sft.sft_train(one, EXAMPLES, cfg, log=logs.append, ckpt_dir=str(root), ckpt_every=2, keep=0)
+    assert any("resharded from 2 processes to 1" in line for line in logs), logs
+    two = load_file(tmp_path / "fsdp_resumed.safetensors")
+    assert max((one.state_dict()[k] - two[k]).abs().max().item() for k in two) < 1e-5
     # the comparison is sensitive: without summing gradients over ranks, rank 0's step differs
     got, want = load_file(tmp_path / "nosync.safetensors"), train("sft")
     assert max((got[k] - want[k]).abs().max().item() for k in want) > 5e-4
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    (worker if sys.argv[2] == "dp" else fsdp_worker)(sys.argv[1])

@@ -9,7 +9,7 @@ import torch
 import logprobs
 import sft
 import train
-from model import ModelConfig, Transformer, autocast, compute_dtype
+from model import autocast, compute_dtype
 from sft import SFTConfig
 from test_sft import examples, tiny
 from test_train import TINY, pretrain_and_fake_format_tuned

@@ -53,8 +53,10 @@ def test_packing_positions_and_mask():
     exs = [([1, 2], [3]), ([4], [5, 6])]
     b = batch_of(exs, [[0, 1]])
     assert b.pos[0].tolist() == [0, 1, 2, 0, 1, 2]
-    m = b.mask[0, 0]
-    assert m[3, :3].sum() == 0 and m[3, 3] and m[5, 3:].all() and not m[0, 1]
+    assert b.docs == [3, 3]                                          # no padding: no pad segment
+    b = batch_of(exs, [[0, 1], [0]])                                 # the second row is padded
+    assert b.docs == [3, 3, 3, 3] and b.ids.shape == (2, 6) and b.n_tokens == 9
+    b = batch_of(exs, [[0, 1]])
     assert b.targets[0].tolist() == [sft.IGNORE, 3, sft.IGNORE, 5, 6, sft.IGNORE]
     assert b.ends.tolist() == [2, 5]
 
