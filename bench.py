@@ -540,15 +540,16 @@ def _out_json(what):
 # bench.py shard: per-process peak memory of SFT steps of a ~50M-parameter model on 2 CPU processes,
 # a full copy per process (--shard=none) vs FSDP2 (--shard=fsdp)
 
-SHARD_CFG = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+SHARD_CFG = ModelConfig(vocab_size=8000, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
 
 
 def shard_part(shard):
     """One torchrun process: two SFT steps (weights, gradients and AdamW state all live), then this
     process's peak resident memory (MiB) on rank 0's stdout, gathered."""
-    import resource
+    import math
     import random
+    import resource
     import parallel
     import sft
     from model import _init_weights
@@ -561,9 +562,10 @@ def shard_part(shard):
     else:
         model = Transformer(SHARD_CFG)
     rng = random.Random(0)
-    data = [([rng.randrange(32000) for _ in range(64)], [rng.randrange(32000) for _ in range(192)]) for _ in range(16)]
+    data = [([rng.randrange(8000) for _ in range(64)], [rng.randrange(8000) for _ in range(192)]) for _ in range(16)]
     cfg = sft.SFTConfig(lr=1e-4, max_steps=2, batch_tokens=2048, row_len=256, shard=shard == "fsdp")
-    sft.sft_train(model, data, cfg, log=lambda s: None)
+    m = sft.sft_train(model, data, cfg, log=lambda s: None)
+    assert m["skipped_steps"] == 0 and math.isfinite(m["loss"]), m     # both steps taken: AdamW's state exists
     peak = parallel.gather([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
     if parallel.is_main():
         print(json.dumps({"params": num_params(model), "peak_mib": peak}))

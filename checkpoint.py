@@ -8,9 +8,10 @@ directories, and the progress of a run. Tensors go to safetensors, the rest to J
     progress = checkpoint.begin_run("out", stages, signature, resume=True)   # ["done"]: finished earlier
 
 A checkpoint root/name holds <key>.safetensors (a model's state_dict, tied tensors stored once),
-optim-<key>.safetensors (an optimizer's tensors), rng-rank<r>.safetensors (rank r's RNG states: torch
+optim-<key>.safetensors (an optimizer's tensors) or, for FSDP2 models, shards/ (every rank's shards of
+both, written through torch.distributed.checkpoint as safetensors files), rng-rank<r>.safetensors (rank r's RNG states: torch
 CPU, its CUDA device, the generators passed in; Python's in the file's metadata) and meta.json (the
-caller's meta, the optimizers' non-tensor state, the world size). It is written as root/.tmp-name,
+caller's meta, the optimizers' non-tensor state, the world size, whether it is sharded). It is written as root/.tmp-name,
 every file fsynced, then renamed; meta.json is written last, so a directory with meta.json is
 complete and a crash leaves only a .tmp-* that the next save removes.
 """
@@ -123,11 +124,15 @@ def _save_shards(path, models, optimizers):
 def _load_shards(path, models, optimizers, groups):
     """What _save_shards wrote, into models and optimizers however they are sharded now."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
     tensors = {f"model.{k}": _model_tensors(m) for k, m in models.items()}
     tensors.update({f"optim.{k}": get_optimizer_state_dict(_owner(o, models), o)["state"] for k, o in optimizers.items()})
-    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(path))     # every tensor, or an error
+    try:
+        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(path))     # every tensor, or an error
+    except CheckpointException as e:    # a BaseException: resume's fallback catches ValueError
+        raise ValueError(f"{path}: {str(e).splitlines()[0] if str(e) else 'cannot read the shards'}") from None
     for k, m in models.items():
         set_model_state_dict(m, tensors[f"model.{k}"], options=StateDictOptions(strict=False))   # strict but the tie
     for k, o in optimizers.items():
@@ -186,12 +191,15 @@ def save(root, name, models, optimizers, meta, keep=2, generators=None):
     optim = _save_shards(os.path.join(tmp, SHARDS), models, optimizers) if sharded else {}
     parallel.barrier()                                # every rank's files are on disk
     if r == 0:
-        for k, m in models.items() if not sharded else ():
-            save_model(m, os.path.join(tmp, f"{k}.safetensors"))     # shared tensors stored once
-            _fsync(os.path.join(tmp, f"{k}.safetensors"))
-        for k, o in optimizers.items() if not sharded else ():
-            tensors, optim[k] = _split_optim(o)
-            _write_tensors(tensors, os.path.join(tmp, f"optim-{k}.safetensors"))
+        if not sharded:
+            for k, m in models.items():
+                save_model(m, os.path.join(tmp, f"{k}.safetensors"))     # shared tensors stored once
+                _fsync(os.path.join(tmp, f"{k}.safetensors"))
+            for k, o in optimizers.items():
+                tensors, optim[k] = _split_optim(o)
+                _write_tensors(tensors, os.path.join(tmp, f"optim-{k}.safetensors"))
+        if sharded:
+            fsync_tree(os.path.join(tmp, SHARDS))
         _write_json({"meta": meta, "world_size": parallel.world(), "optimizers": optim, "sharded": sharded,
                      "saved_ns": time.time_ns()}, os.path.join(tmp, META))   # last: marks it complete
         _fsync(tmp)

@@ -159,6 +159,7 @@ class Attention(nn.Module):
             # Its tokens come packed as one row (B == 1): q [T, heads, hd] -> [T, heads, hd].
             y = cache.attend(self.layer_idx, q[0], k[0], v[0])[None]
         elif docs is not None:
+            assert attn_mask is None, "docs and attn_mask: give one"
             y = doc_attention(q, k, v, docs)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, heads, T, hd]
@@ -223,6 +224,8 @@ class Trunk(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.embed_tokens(input_ids)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.float()   # the residual stream in fp32 under autocast, bf16 weights (FSDP2's gathers) or not
         # a row's positions are below its length, except with a cache, whose owner sized the table
         need = self.cfg.max_position_embeddings if cache is not None else max(self.cfg.max_position_embeddings,
                                                                               input_ids.shape[1])
@@ -337,6 +340,8 @@ def autocast(device, dtype):
 def _init_weights(m):
     if isinstance(m, (nn.Linear, nn.Embedding)):
         nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, RMSNorm):          # as built; this also makes a model allocated with to_empty whole
+        nn.init.ones_(m.weight)
     if isinstance(m, nn.Linear) and m.bias is not None:
         nn.init.zeros_(m.bias)
 

@@ -120,7 +120,8 @@ def shard_model(model, param_dtype=None):
     our losses are normalised by global counts, as with sync_grads. hidden() runs as a forward
     (our losses call it and the fused head outside forward). -> model"""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # inputs are not cast: under autocast the residual stream stays fp32, as in one process
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)

@@ -308,7 +308,7 @@ def response_logprobs(model, r: Rollouts, temperature=1.0, with_entropy=False):
 def response_values(critic, r: Rollouts):
     """V(state before each response token), [B, T]: the critic at the position that predicts it."""
     rows, cols, _ = _token_positions(r)
-    v = critic(r.ids)[rows, cols]
+    v = critic(r.ids)[rows, cols].float()           # bf16 under autocast: values and their clip in fp32
     return torch.zeros_like(r.mask, dtype=v.dtype).index_put((rows, cols - r.prompt_lens[rows] + 1), v)
 
 

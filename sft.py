@@ -315,6 +315,22 @@ def _plan_run(units, cfg, name):
     return _plan(lengths, row_len, cfg, rng)
 
 
+def _setup(model, cfg, name, steps, ckpt_dir, say):
+    """The model sharded (with cfg.shard under torchrun, unless the caller did it), its optimizer, and
+    the loop's state: a fresh one or the newest checkpoint's -> (params, optimizer, state)."""
+    if cfg.shard and parallel.world() > 1 and not parallel.is_sharded(model):   # before the optimizer: it holds the shards
+        parallel.shard_model(model, None if cfg.dtype == torch.float32 else cfg.dtype)
+    params, opt = _optimizer(model, cfg, next(model.parameters()).device)
+    # what a checkpoint saves besides weights, optimizer and RNG
+    run = {"stage": name, "step": 0, "steps": steps, "losses": [], "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0}
+    if ckpt_dir:
+        # fail before training, not at the first save: room for weights + two AdamW moments
+        checkpoint.check_writable(ckpt_dir, 3 * sum(p.numel() * p.element_size() for p in params))
+        # the plan is rebuilt from the seed, so the step is all the data position needed
+        run = {**run, **(checkpoint.resume(ckpt_dir, {"model": model}, {"opt": opt}, name, steps, say) or {})}
+    return params, opt, run
+
+
 def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=None, name="sft",
                ckpt_dir=None, ckpt_every=0, keep=2):
     """AdamW + warm-up/cosine + grad clipping + accumulation over packed micro-batches (the module
@@ -331,17 +347,8 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
     say = log if rank == 0 else (lambda s: None)
     plan = _plan_run(units, cfg, name)
     steps = math.ceil(len(plan) / cfg.grad_accum)
-    sharded = cfg.shard and world > 1
-    if sharded and not parallel.is_sharded(model):      # before the optimizer: it holds the shards
-        parallel.shard_model(model, None if cfg.dtype == torch.float32 else cfg.dtype)
-    params, opt = _optimizer(model, cfg, device)
-    # the loop's state: what a checkpoint saves besides weights, optimizer and RNG
-    run = {"stage": name, "step": 0, "steps": steps, "losses": [], "skipped_steps": 0, "bad_in_a_row": 0, "tokens": 0}
-    if ckpt_dir:
-        # fail before training, not at the first save: room for weights + two AdamW moments
-        checkpoint.check_writable(ckpt_dir, 3 * sum(p.numel() * p.element_size() for p in params))
-        # the plan is rebuilt from the seed, so the step is all the data position needed
-        run = {**run, **(checkpoint.resume(ckpt_dir, {"model": model}, {"opt": opt}, name, steps, say) or {})}
+    params, opt, run = _setup(model, cfg, name, steps, ckpt_dir, say)
+    sharded = parallel.is_sharded(model)
     start, losses, tokens = run["step"], run["losses"], run["tokens"]
     model.train()
     model.model.act_ckpt = cfg.act_ckpt

@@ -292,6 +292,7 @@ def stage_orm(cfg, state):
     log(f"orm: {len(qids) * cfg.rae_group} samples of {len(qids)} questions in {time.time() - t0:.0f}s, "
         f"{n_ok / (len(qids) * cfg.rae_group):.3f} correct")
     orm, pairs = ValueModel.from_policy(policy), orm_pairs(prompts, groups)
+    del policy                  # the ORM has its own copy of the trunk
     if pairs:
         kw = {k: v for k, v in loop_kw(cfg, state, "orm").items() if k != "name"}
         m = orm_train(orm, pairs, sft_config(cfg, "orm"), margin=cfg.orm_margin, **kw)
@@ -359,7 +360,7 @@ def stage_distill(cfg, state):
         raise SystemExit(f"distill: the round-1 policy solved none of {len(qids)} questions; nothing to distil")
     log(f"distill: {len(keep)} of the {len(solved)} solved questions of {len(qids)}, hardest first (pass rate <= "
         f"{solved[len(keep) - 1][0]:.2f}), {len(examples)} correct responses")
-    del policy
+    del sampler, policy         # the sampler holds the policy and its KV cache
     base, btok = with_coat_tokens(*load_stage(cfg, "base"))
     m = sft_train(base, examples, sft_config(cfg, "distill"), **loop_kw(cfg, state, "distill"))
     save_stage(cfg, state, "distilled", base, btok)
