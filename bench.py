@@ -23,6 +23,7 @@ import time
 import torch
 
 from model import ModelConfig, Transformer, num_params
+import memory_plan
 from memory_plan import bench_memory, qwen25, SATORI_MICRO_BATCH, SATORI_SEQ_LEN
 from rollout import Sampler
 
@@ -536,57 +537,6 @@ def _out_json(what):
     name = f"bench_{what}.json"
     return os.path.join(os.environ["OUT"], name) if os.environ.get("OUT") else name
 
-# ------------------------------------------------------------------------------------------------
-# bench.py shard: per-process peak memory of SFT steps of a ~50M-parameter model on 2 CPU processes,
-# a full copy per process (--shard=none) vs FSDP2 (--shard=fsdp)
-
-SHARD_CFG = ModelConfig(vocab_size=8000, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
-
-
-def shard_part(shard):
-    """One torchrun process: two SFT steps (weights, gradients and AdamW state all live), then this
-    process's peak resident memory (MiB) on rank 0's stdout, gathered."""
-    import math
-    import random
-    import resource
-    import parallel
-    import sft
-    from model import _init_weights
-    parallel.init()
-    torch.manual_seed(0)
-    if shard == "fsdp":     # built on the meta device, sharded, then only this process's shards made
-        with torch.device("meta"):
-            model = Transformer(SHARD_CFG)
-        parallel.shard_model(model).to_empty(device="cpu").apply(_init_weights)
-    else:
-        model = Transformer(SHARD_CFG)
-    rng = random.Random(0)
-    data = [([rng.randrange(8000) for _ in range(64)], [rng.randrange(8000) for _ in range(192)]) for _ in range(16)]
-    cfg = sft.SFTConfig(lr=1e-4, max_steps=2, batch_tokens=2048, row_len=256, shard=shard == "fsdp")
-    m = sft.sft_train(model, data, cfg, log=lambda s: None)
-    assert m["skipped_steps"] == 0 and math.isfinite(m["loss"]), m     # both steps taken: AdamW's state exists
-    peak = parallel.gather([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
-    if parallel.is_main():
-        print(json.dumps({"params": num_params(model), "peak_mib": peak}))
-    parallel.shutdown()
-
-
-def bench_shard(args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    res = {"bench": "shard", "machine": machine(), "processes": 2}
-    for shard in ("none", "fsdp"):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            os.path.abspath(__file__), "shard-part", "--shard", shard], env=env,
-                           capture_output=True, text=True, timeout=600)
-        if r.returncode:
-            raise SystemExit(f"shard {shard}: {r.stderr[-2000:]}")
-        res[shard] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"{shard:>5}: {res[shard]['params'] / 1e6:.0f}M parameters, peak RSS per process "
-              + ", ".join(f"{m:.0f} MiB" for m in res[shard]["peak_mib"]))
-    return res
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["sampler", "logprob", "gpu", "gpu-part", "memory", "shard", "shard-part"])
@@ -615,7 +565,7 @@ def main():
     ap.add_argument("--rl_batch", type=int, default=0, help="memory: sampled sequences per RL step (0: config.py's)")
     args = ap.parse_args()
     if args.what == "shard-part":                # a torchrun child of `shard`
-        return shard_part(args.shard)
+        return memory_plan.shard_part(args.shard)
     if args.what == "gpu-part":                  # a child of `gpu`: one part, its JSON on the last line
         print(json.dumps(GPU_PARTS[args.part][0]()))
         return
@@ -633,8 +583,10 @@ def main():
         res = bench_rl_rollouts(args)
     elif args.what == "gpu":
         res = bench_gpu(args)
+    elif args.what == "shard":
+        res = memory_plan.bench_shard(machine())
     else:
-        res = {"sampler": bench_sampler, "logprob": bench_logprob, "shard": bench_shard}[args.what](args)
+        res = {"sampler": bench_sampler, "logprob": bench_logprob}[args.what](args)
     default = _out_json("gpu") if args.what == "gpu" else f"bench_{args.what}.json"
     with open(args.json or default, "w") as fh:
         json.dump(res, fh, indent=2)

@@ -82,10 +82,13 @@ def _join_optim(tensors, rest):
         state.setdefault(int(i), {})[k] = t
     for i, s in rest["state"].items():
         state.setdefault(int(i), {}).update(s)
-    # JSON turned tuples (betas) into lists; "params" is the only list of a param group
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-              for g in rest["param_groups"]]
-    return {"state": state, "param_groups": groups}
+    return {"state": state, "param_groups": _groups_from_json(rest["param_groups"])}
+
+
+def _groups_from_json(groups):
+    """An optimizer's param groups back from JSON, which turned tuples (betas) into lists; "params"
+    is the only list of a param group."""
+    return [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in groups]
 
 
 # -----------------------------------------------------------------------------
@@ -136,8 +139,8 @@ def _load_shards(path, models, optimizers, groups):
     for k, m in models.items():
         set_model_state_dict(m, tensors[f"model.{k}"], options=StateDictOptions(strict=False))   # strict but the tie
     for k, o in optimizers.items():
-        groups_k = _join_optim({}, {"state": {}, "param_groups": groups[k]})["param_groups"]     # JSON lists -> tuples
-        set_optimizer_state_dict(_owner(o, models), o, {"state": tensors[f"optim.{k}"], "param_groups": groups_k})
+        set_optimizer_state_dict(_owner(o, models), o, {"state": tensors[f"optim.{k}"],
+                                                        "param_groups": _groups_from_json(groups[k])})
 
 
 def _rng_tensors(generators):
@@ -223,20 +226,8 @@ def load(path, models, optimizers, generators=None):
         rec = json.load(f)
     if rec.get("sharded"):
         _load_shards(os.path.join(path, SHARDS), models, optimizers, rec["optimizers"])
-        models, optimizers = {}, {}
-    elif rec["world_size"] != parallel.world():
-        raise ValueError(f"{path}: written by {rec['world_size']} processes, this run has {parallel.world()}; "
-                         "resume with the same number of processes")
-    for k, m in models.items():
-        f = os.path.join(path, f"{k}.safetensors")
-        try:
-            load_model(m, f, strict=True)             # also restores ties: the model holds them
-        except (RuntimeError, FileNotFoundError) as e:
-            raise ValueError(f"{f}: cannot restore model {k!r}: {e}") from None
-    for k, o in optimizers.items():
-        if k not in rec["optimizers"]:
-            raise ValueError(f"{path}: no optimizer {k!r} in this checkpoint")
-        o.load_state_dict(_join_optim(load_file(os.path.join(path, f"optim-{k}.safetensors")), rec["optimizers"][k]))
+    else:
+        _load_whole(path, models, optimizers, rec)
     rng_file = os.path.join(path, f"rng-rank{parallel.rank()}.safetensors")
     if rec["world_size"] != parallel.world() and not os.path.isfile(rng_file):
         return rec["meta"]         # resharded onto more processes: this rank's RNG starts from the seed
@@ -252,6 +243,23 @@ def load(path, models, optimizers, generators=None):
             raise ValueError(f"{path}: no state for generator {k!r}")
         g.set_state(rng[f"gen.{k}"])
     return rec["meta"]
+
+
+def _load_whole(path, models, optimizers, rec):
+    """Models and optimizers from the files rank 0 wrote, on as many processes as wrote them."""
+    if rec["world_size"] != parallel.world():
+        raise ValueError(f"{path}: written by {rec['world_size']} processes, this run has {parallel.world()}; "
+                         "resume with the same number of processes")
+    for k, m in models.items():
+        f = os.path.join(path, f"{k}.safetensors")
+        try:
+            load_model(m, f, strict=True)             # also restores ties: the model holds them
+        except (RuntimeError, FileNotFoundError) as e:
+            raise ValueError(f"{f}: cannot restore model {k!r}: {e}") from None
+    for k, o in optimizers.items():
+        if k not in rec["optimizers"]:
+            raise ValueError(f"{path}: no optimizer {k!r} in this checkpoint")
+        o.load_state_dict(_join_optim(load_file(os.path.join(path, f"optim-{k}.safetensors")), rec["optimizers"][k]))
 
 
 def resume(root, models, optimizers, stage, steps, log=print):

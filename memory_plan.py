@@ -1,10 +1,14 @@
 """What every stage of the pipeline would hold on each GPU of one node under FSDP2, computed from the
-modules' shapes (built on the meta device: no memory, no GPU). A plan, not a measurement.
+modules' shapes (built on the meta device: no memory, no GPU): a plan, not a measurement. And one
+measurement the CPU allows: the peak memory per process of FSDP2 against a full copy per process.
 
     python bench.py memory --model=7b --act_ckpt      # GiB per GPU of every stage on 8 x 80 GB
+    python bench.py shard                             # peak RSS per process, 2 CPU processes
 """
 import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -177,3 +181,52 @@ def bench_memory(args):
     return res
 
 
+# -----------------------------------------------------------------------------
+# bench.py shard: per-process peak memory of SFT steps of a ~50M-parameter model on 2 CPU processes,
+# a full copy per process (--shard=none) vs FSDP2 (--shard=fsdp)
+
+SHARD_CFG = ModelConfig(vocab_size=8000, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def shard_part(shard):
+    """One torchrun process: two SFT steps (weights, gradients and AdamW state all live), then this
+    process's peak resident memory (MiB) on rank 0's stdout, gathered."""
+    import math
+    import random
+    import resource
+    import parallel
+    import sft
+    from model import _init_weights
+    parallel.init()
+    torch.manual_seed(0)
+    if shard == "fsdp":     # built on the meta device, sharded, then only this process's shards made
+        with torch.device("meta"):
+            model = Transformer(SHARD_CFG)
+        parallel.shard_model(model).to_empty(device="cpu").apply(_init_weights)
+    else:
+        model = Transformer(SHARD_CFG)
+    rng = random.Random(0)
+    data = [([rng.randrange(8000) for _ in range(64)], [rng.randrange(8000) for _ in range(192)]) for _ in range(16)]
+    cfg = sft.SFTConfig(lr=1e-4, max_steps=2, batch_tokens=2048, row_len=256, shard=shard == "fsdp")
+    m = sft.sft_train(model, data, cfg, log=lambda s: None)
+    assert m["skipped_steps"] == 0 and math.isfinite(m["loss"]), m     # both steps taken: AdamW's state exists
+    peak = parallel.gather([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
+    if parallel.is_main():
+        print(json.dumps({"params": num_params(model), "peak_mib": peak}))
+    parallel.shutdown()
+
+
+def bench_shard(machine):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    res = {"bench": "shard", "machine": machine, "processes": 2}
+    for shard in ("none", "fsdp"):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), "shard-part", "--shard", shard], env=env,
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode:
+            raise SystemExit(f"shard {shard}: {r.stderr[-2000:]}")
+        res[shard] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"{shard:>5}: {res[shard]['params'] / 1e6:.0f}M parameters, peak RSS per process "
+              + ", ".join(f"{m:.0f} MiB" for m in res[shard]["peak_mib"]))
+    return res

@@ -1,4 +1,5 @@
-"""The report of a run: one self-contained page, out/report.html, to look at what a run did.
+"""What a run leaves to look at: its log (out/train.log, out/metrics.jsonl, TensorBoard scalars) and
+one self-contained page, out/report.html.
 
     python train.py --stages=report --out=runs/a      # rebuild runs/a/report.html from what runs/a holds
     write_report("runs/a", {"sft": (reads, writes), ...})
@@ -16,8 +17,57 @@ import os
 import time
 
 import checkpoint
+import parallel
 from eval import TABLE, cell
 from tokenizer import COAT_TOKENS
+
+# -----------------------------------------------------------------------------
+# the record a run keeps as it goes: console lines in train.log, metrics in metrics.jsonl (and TensorBoard)
+
+RUN_LOG = None     # the train.log of the running run, once its header is written (cli adds the error that ends it)
+
+
+def make_logger(out, command=None, tensorboard=False):
+    """log(msg, **metrics): rank 0 prints msg (if any) and appends it to out/train.log, and appends the
+    metrics to out/metrics.jsonl. command: the run's command line, for the header line that starts
+    its part of train.log (runs into one --out add to the same log). tensorboard: the metrics of a
+    step are also scalars "<loop>/<name>" in out/tensorboard."""
+    global RUN_LOG
+    path, text = os.path.join(out, "metrics.jsonl"), os.path.join(out, "train.log")
+    if command is not None and parallel.is_main():
+        with open(text, "a") as f:
+            f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n")
+        RUN_LOG = text
+    board = None
+    if tensorboard and parallel.is_main():
+        from torch.utils.tensorboard import SummaryWriter     # only when asked: tensorboard is optional
+        board = SummaryWriter(os.path.join(out, "tensorboard"), flush_secs=10)
+
+    def log(msg=None, **metrics):
+        if not parallel.is_main():
+            return
+        if msg is not None:
+            print(msg, flush=True)
+            with open(text, "a") as f:
+                f.write(msg + "\n")
+        if metrics:
+            with open(path, "a") as f:
+                f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+        if board is not None and "step" in metrics:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "steps"):
+                    board.add_scalar(f"{metrics.get('stage', 'run')}/{k}", v, metrics["step"])
+    return log
+
+def to_run_log(text):
+    """text added to the running run's train.log (rank 0), once its header is written."""
+    if RUN_LOG is not None and parallel.is_main():
+        with open(RUN_LOG, "a") as f:
+            f.write(text)
+
+
+# -----------------------------------------------------------------------------
+# the page
 
 # the curves drawn, in this order, where a loop logs them (tokens_per_s: SFT-like loops, tok_s: RL)
 METRICS = ("loss", "reward", "acc", "kl", "entropy", "reflect_rate", "resp_len", "tokens_per_s", "tok_s",

@@ -58,43 +58,7 @@ from tokenizer import INSTRUCTION, Tokenizer, build_task_tokenizer, render_promp
 
 
 # -----------------------------------------------------------------------------
-# what every stage uses: its folders, the logger, the settings of its training loops
-
-RUN_LOG = None     # the train.log of the running run, once its header is written (cli adds the error that ends it)
-
-
-def make_logger(out, command=None, tensorboard=False):
-    """log(msg, **metrics): rank 0 prints msg (if any) and appends it to out/train.log, and appends the
-    metrics to out/metrics.jsonl. command: the run's command line, for the header line that starts
-    its part of train.log (runs into one --out add to the same log). tensorboard: the metrics of a
-    step are also scalars "<loop>/<name>" in out/tensorboard."""
-    global RUN_LOG
-    path, text = os.path.join(out, "metrics.jsonl"), os.path.join(out, "train.log")
-    if command is not None and parallel.is_main():
-        with open(text, "a") as f:
-            f.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n")
-        RUN_LOG = text
-    board = None
-    if tensorboard and parallel.is_main():
-        from torch.utils.tensorboard import SummaryWriter     # only when asked: tensorboard is optional
-        board = SummaryWriter(os.path.join(out, "tensorboard"), flush_secs=10)
-
-    def log(msg=None, **metrics):
-        if not parallel.is_main():
-            return
-        if msg is not None:
-            print(msg, flush=True)
-            with open(text, "a") as f:
-                f.write(msg + "\n")
-        if metrics:
-            with open(path, "a") as f:
-                f.write(json.dumps({"time": time.time(), **metrics}) + "\n")
-        if board is not None and "step" in metrics:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "steps"):
-                    board.add_scalar(f"{metrics.get('stage', 'run')}/{k}", v, metrics["step"])
-    return log
-
+# what every stage uses: its folders, the settings of its training loops (the logger: report.make_logger)
 
 def get_device(cfg):
     return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -552,7 +516,7 @@ def main(argv):
             with open(os.path.join(cfg.out, "run_config.json"), "w") as f:
                 json.dump(asdict(cfg), f, indent=2)
     done = progress["done"] if progress else []
-    log = make_logger(cfg.out, command="python train.py " + shlex.join(argv), tensorboard=cfg.tensorboard)
+    log = report.make_logger(cfg.out, command="python train.py " + shlex.join(argv), tensorboard=cfg.tensorboard)
     rollout.CUDA_GRAPHS = cfg.cuda_graphs
     if get_device(cfg).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -589,8 +553,7 @@ def cli(argv):
     """main(argv) from a shell -> the exit code. An error meant for the user (a SystemExit with a
     message) is one line on stderr and exit code 2; --debug shows where it was raised too. Once the
     run has started its train.log, the error (or a crash's traceback) is added to it."""
-    global RUN_LOG
-    RUN_LOG = None
+    report.RUN_LOG = None
     try:
         main(argv)
     except SystemExit as e:
@@ -604,18 +567,12 @@ def cli(argv):
             traceback.print_exc()
         who = f" (rank {parallel.rank()})" if parallel.world() > 1 else ""
         print(f"error{who}: {e.code}", file=sys.stderr)
-        to_run_log(f"error{who}: {e.code}\n")
+        report.to_run_log(f"error{who}: {e.code}\n")
         return 2
     except BaseException:
-        to_run_log(traceback.format_exc())      # the cause of a crash stays with the run's log
+        report.to_run_log(traceback.format_exc())      # the cause of a crash stays with the run's log
         raise
     return 0
-
-
-def to_run_log(text):
-    if RUN_LOG is not None and parallel.is_main():
-        with open(RUN_LOG, "a") as f:
-            f.write(text)
 
 
 if __name__ == "__main__":
