@@ -102,7 +102,7 @@ def _model_tensors(model):
     """A model's (sharded) state for torch.distributed.checkpoint; a tied head is its embedding, stored once."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     tied = hasattr(model, "lm_head") and model.cfg.tie_word_embeddings
-    return {k: v for k, v in get_model_state_dict(model).items() if not (tied and k == "lm_head.weight")}
+    return {k: v for k, v in get_model_state_dict(parallel.reshard(model)).items() if not (tied and k == "lm_head.weight")}
 
 
 def _owner(opt, models):

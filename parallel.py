@@ -6,9 +6,10 @@
     even, dropped = parallel.rebalance(kept)         # unequal parts -> as many items on every rank
 
 Every function is a no-op (or the identity) in one process without torchrun, so the same training
-code runs either way. Data parallelism is by hand: every rank holds the full model, callers
-normalise their loss by GLOBAL counts, and sync_grads sums the gradients, which then equal exactly
-(up to float summation order) the gradient of one process that saw the whole batch.
+code runs either way. Data parallelism: callers normalise their loss by GLOBAL counts and the
+gradients are summed over ranks, by sync_grads when every rank holds the full model, by FSDP2's
+reduce-scatter when the model is sharded (shard_model); they then equal (up to float summation
+order) the gradient of one process that saw the whole batch.
 """
 import os
 
@@ -134,6 +135,16 @@ def shard_model(model, param_dtype=None):
     return model
 
 
+def reshard(model):
+    """Free the whole weights FSDP2 keeps gathered after a forward (the root unit's: our losses read
+    lm_head.weight after hidden()), so that parameters() are the shards again."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return model
+
+
 def is_sharded(model):
     from torch.distributed.tensor import DTensor
     return any(isinstance(p, DTensor) for p in model.parameters())
@@ -145,11 +156,37 @@ def full_state_dict(model):
     if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(reshard(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def clip_grad_norm(params, max_norm):
+    """clip_grad_norm_ -> the global norm before clipping, as a float (sharded, it is a DTensor made
+    whole: a collective)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def whole_copy(model, dtype=None):
+    """A plain copy of an FSDP2 model: every weight gathered whole (cast to dtype), no FSDP hooks.
+    The RL sampler decodes from it, calling the model's parts outside forward(). A collective: every
+    rank calls it; weights are gathered one at a time (transient memory: one whole fp32 tensor)."""
+    if is_sharded(model):
+        reshard(model)
+    with torch.device("meta"):
+        plain = type(model)(model.cfg)
+    whole = {}
+    for name, p in model.named_parameters():          # a tied weight once
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        whole[name] = t.detach().to(dtype or t.dtype)
+    plain.load_state_dict(whole, strict=False, assign=True)
+    if getattr(model.cfg, "tie_word_embeddings", False) and hasattr(plain, "lm_head"):
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    return plain.eval().requires_grad_(False)
 
 
 def sync_grads(params):
-    """Sum .grad over ranks, in place. Why not DDP: our losses call model.hidden() and fused kernels
+    """Sum .grad over ranks, in place (FSDP2's sharded parameters are skipped: it reduce-scattered
+    their gradients in backward). Why not DDP: our losses call model.hidden() and fused kernels
     outside forward(), which DDP's hooks do not see, and a rank without data skips its forward.
     A parameter whose grad is None on every rank stays None (AdamW then skips it, as in one
     process); otherwise ranks without a grad contribute zeros, so every rank runs the same
@@ -157,7 +194,9 @@ def sync_grads(params):
     (in buckets of BUCKET elements) rather than one all_reduce per parameter."""
     if world() == 1:
         return
-    params = list(params)
+    params = [p for p in params if not hasattr(p, "full_tensor")]     # DTensor: sharded by FSDP2
+    if not params:
+        return
     dev = _device()
     has = torch.tensor([float(p.grad is not None) for p in params], device=dev)
     dist.all_reduce(has)

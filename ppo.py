@@ -285,6 +285,12 @@ def make_rollouts(prompts, responses, pad_id, device=None):
     return Rollouts(ids.to(device), plen.to(device), rlen.to(device), mask.to(device))
 
 
+def stand_in(model):
+    """One row of one token: what a rank without rows of its own runs through a sharded model, whose
+    forward and backward are collectives every rank must join (its loss then counts zero)."""
+    return make_rollouts([[0]], [[0]], 0, next(model.parameters()).device)
+
+
 def _token_positions(r: Rollouts):
     """(rows [N], cols [N], targets [N]) of every response token: the logits predicting token j of
     row b sit at position prompt_len + j - 1. Ordered like r.mask.nonzero()."""
@@ -431,6 +437,8 @@ def _extra_backward_and_sum(step, policy, extra_loss, n_extra):
         loss, info = extra_loss(policy)
         loss.backward()
         extra = {k: float(v) for k, v in info.items()}
+    elif n_extra and parallel.is_sharded(policy):     # FSDP2's gathers are collectives: join them
+        (response_logprobs(policy, stand_in(policy)).sum() * 0.0).backward()
     step = dict(zip(step, parallel.all_sum(list(step.values()))))
     if n_extra:
         parts = [p for p in parallel.gather([extra]) if p]
@@ -442,12 +450,12 @@ def _clip_grads(policy, critic, critic_opt, cfg, step):
     """Sum the gradients over the ranks and clip them -> the values whose finiteness decides the
     step (global, so every rank takes the same decision)."""
     parallel.sync_grads(policy.parameters())
-    step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+    step["grad_norm"] = parallel.clip_grad_norm(policy.parameters(), cfg.grad_clip)
     checked = {"loss": step["policy_loss"], "value loss": step.get("value_loss", 0.0), "grad norm": step["grad_norm"]}
     if critic is not None:
         parallel.sync_grads(critic.parameters())
         if critic_opt is not None:
-            step["critic_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip))
+            step["critic_grad_norm"] = parallel.clip_grad_norm(critic.parameters(), cfg.grad_clip)
             checked["critic grad norm"] = step["critic_grad_norm"]
     return checked
 
@@ -460,8 +468,8 @@ def ppo_update(policy, opt, r: Rollouts, cfg: PPOConfig, critic=None, critic_opt
     (loss, metrics), when given, is added to every optimizer step's loss (ExPO's term).
     Under torchrun r is this rank's rows (the same number on every rank) and cfg.minibatch_size is
     global: each rank steps through its rows minibatch_size // world at a time, losses are weighted
-    by global counts and gradients summed over ranks (parallel.sync_grads), so the step is that of
-    one process holding the global minibatch. extra_loss, computed by each rank on its own rows, and
+    by global counts and gradients summed over ranks (parallel.sync_grads, or FSDP2 when the models
+    are sharded), so the step is that of one process holding the global minibatch. extra_loss, computed by each rank on its own rows, and
     its metrics are summed over the ranks like the gradients (scaled by rank_weight they are the
     one-process term); a rank with nothing to add passes None (a zero term).
     A step whose (global) loss or gradient norm is not finite is skipped (sft.skip_if_nonfinite);

@@ -23,7 +23,7 @@ import parallel
 from model import autocast, compute_dtype
 import ppo
 import reward
-from rollout import Sampler, generate_shared
+from rollout import Sampler, blocks_that_fit, generate_shared
 from sft import SFTConfig, fmt_time, lr_at
 from tokenizer import REFLECT
 
@@ -163,16 +163,17 @@ def sample_groups(cfg, sampler, tok, problems, pool, first, rng, group, temperat
 # -----------------------------------------------------------------------------
 # phases 2 and 3: rollouts, rewards (phase 4, the advantages, is ppo.set_advantages)
 
-def rollouts(policy, gen_model, ref, tok, s, group, temperature, dev):
+def rollouts(policy, copy_sampled, ref, tok, s, group, temperature, dev):
     """The samples as ppo.Rollouts with the log-probs of the policy that sampled them (old_logp),
-    recomputed by the policy itself when a bf16 copy sampled or the update computes under autocast
-    (the ratio must start at 1 in the update's own precision), and the reference's with a KL term."""
+    recomputed by the policy itself when a copy of it sampled (bf16, or gathered from FSDP2 shards)
+    or the update computes under autocast (the ratio must start at 1 in the update's own
+    precision), and the reference's with a KL term."""
     r = ppo.make_rollouts([st.prompt_ids for st in s.states for _ in range(group)], [o.tokens for o in s.outs],
                           tok.pad_id, dev)
     r.old_logp = torch.zeros_like(r.mask)
     r.old_logp[r.mask.bool()] = torch.tensor([lp for o in s.outs for lp in o.logprobs], device=dev)
     with torch.no_grad():
-        if gen_model is not policy or torch.is_autocast_enabled(r.ids.device.type):
+        if copy_sampled or torch.is_autocast_enabled(r.ids.device.type):
             r.old_logp = ppo.response_logprobs(policy, r, temperature)
         if ref is not None:
             r.ref_logp = ppo.response_logprobs(ref, r, temperature)
@@ -236,19 +237,13 @@ def expo_term(cfg, pcfg, sampler, tok, problems, s, group, temperature, dev):
 # -----------------------------------------------------------------------------
 # phase 5: update, and the step's metrics
 
-def update(pcfg, policy, gen_model, critic, opts, r, temperature, micro_batch, seed, extra=None, nonfinite=0,
+def update(pcfg, policy, critic, opts, r, temperature, micro_batch, seed, extra=None, nonfinite=0,
            log=print, what="ppo_update"):
-    """ppo.ppo_update (+ ExPO's extra term; nonfinite and what for its non-finite step guard), then
-    the sampler's bf16 copy refreshed from the policy."""
+    """ppo.ppo_update (+ ExPO's extra term; nonfinite and what for its non-finite step guard)."""
     policy.train()
     gen = torch.Generator().manual_seed(seed)       # minibatch order
-    info = ppo.ppo_update(policy, opts["opt"], r, pcfg, critic, opts.get("copt"), temperature, micro_batch, gen,
+    return ppo.ppo_update(policy, opts["opt"], r, pcfg, critic, opts.get("copt"), temperature, micro_batch, gen,
                           extra, log=log, nonfinite=nonfinite, what=what)
-    if gen_model is not policy:
-        with torch.no_grad():
-            for q, p in zip(gen_model.parameters(), policy.parameters()):
-                q.copy_(p)
-    return info
 
 
 def step_metrics(cfg, pcfg, tok, name, step, steps, s, r, seq_r, info, er, t_gen, t_train):
@@ -278,21 +273,54 @@ def step_metrics(cfg, pcfg, tok, name, step, steps, s, r, seq_r, info, er, t_gen
 # -----------------------------------------------------------------------------
 # the loop
 
-def _sampler(cfg, policy, tok, problems, pool, group, dev):
-    """(the model the sampler decodes with, the sampler). On GPU (--sampler_dtype auto) a bf16 copy of
-    the policy, refreshed after every update: half the bytes per decode step. Its log-probs are then
-    not the training model's, so the ratio's old log-probs are recomputed (rollouts)."""
+def _shard(cfg, dtype, trained, frozen):
+    """--shard=fsdp under torchrun: FSDP2 over the processes for every model of the loop
+    (parallel.shard_model; those train.py loaded sharded already stay as they are). Trained models
+    keep fp32 master weights and gather in the compute dtype; frozen ones are stored in it."""
+    if cfg.shard != "fsdp" or parallel.world() == 1:
+        return
+    low = None if dtype == torch.float32 else dtype
+    for m in trained:
+        if m is not None and not parallel.is_sharded(m):
+            parallel.shard_model(m, low)
+    for m in frozen:
+        if m is not None and not parallel.is_sharded(m):
+            parallel.shard_model(m.to(dtype))
+
+
+def _sampler(cfg, policy, tok, problems, pool, group):
+    """-> sampler_of_step(): the sampler an RL step decodes with. A whole policy: one sampler, made
+    now and kept; on GPU (--sampler_dtype auto) its model is a bf16 copy of the policy (half the
+    bytes per decode step), refreshed before every step. A sharded policy (FSDP2): every step, its
+    weights gathered whole in that dtype (parallel.whole_copy) and a sampler whose KV cache fits the
+    free memory; the caller drops both before the update, which gets the memory back. A copy's
+    log-probs are not the update's own: rollouts recomputes them."""
+    dev = next(policy.parameters()).device
     dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else None, "float32": None,
              "bfloat16": torch.bfloat16}[cfg.sampler_dtype]
-    gen_model = policy if dtype is None else copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
     states = [s for sub, _ in pool for s in sub]
     longest = max(len(s.prompt_ids) for s in states)
     if cfg.expo:
         longest = max(longest, max(len(tok.encode(reward.expo_prompt(tok, problems[s.question_id]["question"],
                                                                       problems[s.question_id]["answer"])))
                                    for s in states))
-    per_process = max(1, cfg.rl_batch // group) // parallel.world() * group
-    return gen_model, Sampler(gen_model, max_batch=per_process, max_seq_len=longest + cfg.rl_max_new_tokens)
+    kw = dict(max_batch=max(1, cfg.rl_batch // group) // parallel.world() * group,
+              max_seq_len=longest + cfg.rl_max_new_tokens)
+    if parallel.is_sharded(policy):
+        def gathered():
+            model = parallel.whole_copy(policy, dtype)
+            return Sampler(model, num_blocks=blocks_that_fit(model), **kw)
+        return gathered
+    gen_model = policy if dtype is None else copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
+    sampler = Sampler(gen_model, **kw)
+
+    def kept():
+        with torch.no_grad():
+            for q, p in zip(gen_model.parameters(), policy.parameters()):
+                if q is not p:
+                    q.copy_(p)
+        return sampler
+    return kept
 
 
 def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic=None, orm=None, ref=None,
@@ -308,6 +336,7 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
     log = log or (lambda msg, **metrics: print(msg, flush=True))
     dev = next(policy.parameters()).device
     pcfg, pool, dtype = algo_config(cfg, group), as_pools(pool), compute_dtype(cfg.dtype, dev)
+    _shard(cfg, dtype, (policy, critic), (orm, ref))      # before the optimizers: they hold the shards
     models = {k: v for k, v in (("policy", policy), ("critic", critic)) if v is not None}
     for m in models.values():
         m.model.act_ckpt = cfg.act_ckpt      # the update's forwards only: sampling and eval never checkpoint
@@ -316,7 +345,7 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
     # every random draw of a step is seeded by the step, so the step is all the position a resume needs
     meta = checkpoint.resume(ckpt_dir, models, opts, name, steps, log)
     start, m, nonfinite = meta["step"] if meta else 0, {}, 0
-    gen_model, sampler = _sampler(cfg, policy, tok, problems, pool, group, dev)
+    sampler_of_step = _sampler(cfg, policy, tok, problems, pool, group)
     log(f"{name}: {cfg.algo}, {steps} steps of {max(1, cfg.rl_batch // group)} prompts x {group} samples, "
         f"temperature {temperature}, actor lr {cfg.actor_lr:g}" + (f", {parallel.world()} processes" if parallel.world() > 1 else ""))
     sched = SFTConfig(lr=1.0, warmup_frac=cfg.warmup_frac, min_lr_ratio=cfg.min_lr_ratio)   # a factor of each lr
@@ -327,20 +356,23 @@ def rl_train(cfg, policy, tok, problems, pool, temperature, group, steps, critic
                 g["lr"] = base * lr_at(step, steps, sched)
         t0 = time.time()
         policy.eval()
+        sampler = sampler_of_step()
         s = sample(cfg, sampler, tok, problems, pool, step, name, group, temperature, pcfg.dynamic_sampling)
         if not s.states:
             log(f"{name} step {step + 1}/{steps}: every group was all right or all wrong"
                 + (f" but {s.left_out}, left out to give every process as many" if s.left_out else "") + "; no update")
             continue
         extra, er = expo_term(cfg, pcfg, sampler, tok, problems, s, group, temperature, dev) if cfg.expo else (None, None)
+        copy_sampled = sampler.model is not policy
+        del sampler             # sharded: its gathered weights and KV cache, freed for the update
         t_gen = time.time() - t0
         with autocast(dev, dtype):      # every forward after sampling: old and reference log-probs, ORM, critic
-            r = rollouts(policy, gen_model, ref, tok, s, group, temperature, dev)
+            r = rollouts(policy, copy_sampled, ref, tok, s, group, temperature, dev)
             seq_r = rewards(cfg, tok, s, r, group, step, steps, orm, reward_fn, policy)
             ppo.set_advantages(r, pcfg, seq_r, torch.tensor([o.finished for o in s.outs], device=dev), critic,
                                cfg.rl_max_new_tokens)
             t1 = time.time()
-            info = update(pcfg, policy, gen_model, critic, opts, r, temperature, cfg.micro_batch, s.seed, extra=extra,
+            info = update(pcfg, policy, critic, opts, r, temperature, cfg.micro_batch, s.seed, extra=extra,
                           nonfinite=nonfinite, log=log, what=f"{name} step {step + 1}/{steps}")
         nonfinite = info["nonfinite_in_a_row"]
         m, line = step_metrics(cfg, pcfg, tok, name, step, steps, s, r, seq_r, info, er, t_gen, time.time() - t1)

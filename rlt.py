@@ -18,6 +18,7 @@ import math
 
 import torch
 
+import parallel
 import ppo
 from data import answer_line, solution_text
 from rollout import generate_shared, sampler_for
@@ -101,6 +102,9 @@ def reward_fn(cfg, tok, problems, student, dev):
                              tok.encode(student_prefix(tok, p["question"])), tok.encode(expl),
                              tok.encode(STUDENT_SUFFIX), tok.encode(answer_line(p))))
         if not rows:
+            if teacher is not None and parallel.is_sharded(teacher):     # its forward: a collective all join
+                with torch.no_grad():
+                    ppo.response_logprobs(teacher, ppo.stand_in(teacher))
             return rewards
         with torch.no_grad():
             t = ppo.make_rollouts([tp for _, tp, _, e, _, _ in rows], [e for *_, e, _, _ in rows], tok.pad_id, dev)

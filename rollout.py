@@ -138,7 +138,10 @@ class Sampler:
         self.max_batch, self.block_size = max_batch, block_size
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 2048)
         self.width = -(-self.max_seq_len // block_size)                   # blocks per sequence at most
-        self.num_blocks = num_blocks or max_batch * self.width
+        self.num_blocks = min(num_blocks or max_batch * self.width, max_batch * self.width)   # more are never used
+        if self.num_blocks < self.width:
+            raise ValueError(f"KV cache of {self.num_blocks} blocks of {block_size} tokens: one sequence of "
+                             f"{self.max_seq_len} tokens needs {self.width}; free memory, or use shorter sequences")
         p = next(model.parameters())
         self.device = dev = p.device
         dense = dev.type == "cpu" if dense is None else dense
@@ -446,6 +449,17 @@ def sample(logits, temperature, top_p, u, greedy=False):
     cdf = logp.double().exp().cumsum(-1)       # float64: a tail token's step of the CDF never rounds away
     tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp(max=logits.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+def blocks_that_fit(model, block_size=16, share=0.6):
+    """KV-cache blocks (K and V of every layer) that `share` of the GPU's free memory holds, or None
+    on the CPU. The rest of the free memory is the decode and prefill steps' working room."""
+    p = next(model.parameters())
+    if p.device.type != "cuda":
+        return None
+    c = model.cfg
+    per_block = 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * p.element_size()
+    return int(torch.cuda.mem_get_info(p.device)[0] * share) // per_block
 
 
 def sampler_for(model, prompts, max_new_tokens, max_batch):

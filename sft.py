@@ -360,12 +360,10 @@ def train_loop(model, units, cfg, loss_fn, per="tokens", log=print, on_metrics=N
             g["lr"] = lr
         rows = [r[rank::world] for r in plan[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
         step_loss, step_tokens = _accumulate(model, rows, units, loss_fn, per, device, cfg.dtype, win, sharded)
-        if not sharded:     # FSDP2 has reduce-scattered them in backward
-            parallel.sync_grads(params)
+        parallel.sync_grads(params)
         step_loss, step_tokens = parallel.all_sum([step_loss, step_tokens])
         tokens += step_tokens
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        gnorm = (gnorm.full_tensor() if sharded else gnorm).item()      # sharded: a DTensor
+        gnorm = parallel.clip_grad_norm(params, cfg.clip)
         run["bad_in_a_row"] = skip_if_nonfinite({"loss": step_loss, "grad norm": gnorm}, run["bad_in_a_row"],
                                                 cfg.max_bad_steps, f"{name} step {step + 1}/{steps}", say)
         if run["bad_in_a_row"]:

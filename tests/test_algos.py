@@ -69,13 +69,13 @@ def run(algo, reward_fn=sevens, steps=12, lr=3e-3, expo_rows=None, reward_for=No
             s = rl.Samples([st for st, k in zip(states, keep) if k],
                            [o for i, o in enumerate(outs) if keep[i // group]], [False] * (group * sum(keep)), seed=step)
             seq_r = seq_r[ppo.dynamic_sampling_keep(seq_r, group)]
-        r = rl.rollouts(policy, policy, ref if pcfg.kl_coef or pcfg.kl_loss_coef else None, tok, s, group, 1.0, "cpu")
+        r = rl.rollouts(policy, False, ref if pcfg.kl_coef or pcfg.kl_loss_coef else None, tok, s, group, 1.0, "cpu")
         ppo.set_advantages(r, pcfg, seq_r, torch.ones(len(s.outs), dtype=torch.bool), critic, NEW)
         extra = None
         if expo_rows is not None:
             er = ppo.make_rollouts(*expo_rows, pad_id=0)
             extra = lambda m: ppo.expo_loss(m, er, 0.5, 1.0, pcfg.loss_agg, pcfg.max_len)
-        info = rl.update(pcfg, policy, policy, critic, opts, r, 1.0, 8, s.seed, extra=extra)
+        info = rl.update(pcfg, policy, critic, opts, r, 1.0, 8, s.seed, extra=extra)
     return means, info
 
 

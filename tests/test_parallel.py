@@ -78,27 +78,32 @@ def expo_term(which, agg, max_len):
     return None if er is None else (lambda m: ppo.expo_loss(m, er, 0.5, 1.0, agg, max_len, weight))
 
 
-def ppo_step(run):
+def ppo_step(run, shard=False, dtype=torch.float32):
     """(policy, critic, whitened advantages of the global batch [B, T], metrics) after one ppo_update
-    in this process on its contiguous share of the rows."""
+    in this process on its contiguous share of the rows; shard: policy and critic under FSDP2
+    (gathered in dtype); dtype: the forwards' autocast."""
     agg, expo = PPO_RUNS[run]
     torch.manual_seed(0)
     policy, critic = Transformer(CFG), ValueModel(CFG)
     with torch.no_grad():
         critic.score.weight.normal_(std=0.1)        # a non-zero head, so the trunk gets gradients too
     r, seq_r, finished = ppo_batch(policy)
+    if shard:
+        for m in (policy, critic):
+            parallel.shard_model(m, None if dtype == torch.float32 else dtype)
     lo, hi = parallel.rank() * PPO_B // parallel.world(), (parallel.rank() + 1) * PPO_B // parallel.world()
     mine = rows(r, lo, hi)
     # grad_clip off: clipping to a norm would hide a wrong gradient scale
     cfg = ppo.PPOConfig(loss_agg=agg, max_len=10, minibatch_size=PPO_B, kl_loss_coef=0.1, kl_estimator="k3",
                         ent_coef=0.01, grad_clip=1e9)
-    ppo.set_advantages(mine, cfg, seq_r[lo:hi], finished[lo:hi], critic)       # whitened over all ranks
-    adv = torch.tensor(parallel.gather(mine.advantages.tolist()))
-    opt = torch.optim.SGD(policy.parameters(), lr=PPO_LR)
-    copt = torch.optim.SGD(critic.parameters(), lr=PPO_LR)
-    info = ppo.ppo_update(policy, opt, mine, cfg, critic, copt, micro_batch_size=3,
-                          generator=torch.Generator().manual_seed(1), extra_loss=expo_term(expo, agg, cfg.max_len))
-    sd = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items() if k != "lm_head.weight"}
+    opt = torch.optim.SGD(policy.parameters(), lr=PPO_LR)     # before any forward, as in rl_train: FSDP2
+    copt = torch.optim.SGD(critic.parameters(), lr=PPO_LR)    # keeps the root's whole weights after one
+    with autocast(torch.device("cpu"), dtype):
+        ppo.set_advantages(mine, cfg, seq_r[lo:hi], finished[lo:hi], critic)       # whitened over all ranks
+        adv = torch.tensor(parallel.gather(mine.advantages.tolist()))
+        info = ppo.ppo_update(policy, opt, mine, cfg, critic, copt, micro_batch_size=3,
+                              generator=torch.Generator().manual_seed(1), extra_loss=expo_term(expo, agg, cfg.max_len))
+    sd = lambda m: {k: v.detach().clone() for k, v in parallel.full_state_dict(m).items() if k != "lm_head.weight"}
     return sd(policy), sd(critic), adv, info
 
 
@@ -177,10 +182,11 @@ def sharded_resume(out):
     return weights[0]
 
 
-def rl_step_with_uneven_ranks():
+def rl_step_with_uneven_ranks(shard="none"):
     """One rl_train step (DAPO + ExPO) where the ranks keep different numbers of groups (rank 0 none
     of its two, rank 1 both, dealt out 1 + 1) and only rank 1 has ExPO rows: every rank joins every
-    collective (a hang otherwise), and each graded row stays with its own prompt."""
+    collective (a hang otherwise; under FSDP2 every forward is one), and each graded row stays with
+    its own prompt."""
     import data
     import rae
     import rl
@@ -188,7 +194,8 @@ def rl_step_with_uneven_ranks():
     from tokenizer import build_task_tokenizer
     rank = parallel.rank()
     cfg = trainer.parse_args(["--n_train=8", "--rl_batch=8", "--minibatch_size=4", "--micro_batch=2", "--algo=dapo",
-                              "--grpo_group=2", "--dapo_max_refills=0", "--expo=true", "--rl_max_new_tokens=4"])
+                              "--grpo_group=2", "--dapo_max_refills=0", "--expo=true", "--rl_max_new_tokens=4",
+                              f"--shard={shard}"])
     problems = data.load_problems(cfg)[0]
     tok = build_task_tokenizer([p["question"] for p in problems], vocab_size=300)
     torch.manual_seed(0)
@@ -214,6 +221,7 @@ def rl_step_with_uneven_ranks():
     finally:
         rl.sample_and_grade, rl.expo_rollouts = real_grade, real_expo
     assert (m["step"], m["prompts"], m["left_out"], m["expo_rows"], m["acc"]) == (1, 2, 0, 1, 0.5), m
+    assert parallel.is_sharded(policy) == (shard == "fsdp")
 
 
 def resume_falls_back_together(out):
@@ -243,6 +251,12 @@ def fsdp_worker(out):
     results["fsdp_resumed"] = sharded_resume(out)
     results["fsdp_grads"] = sft_grads(shard=True)
     results["fsdp_grads_bf16"] = sft_grads(shard=True, dtype=torch.bfloat16)
+    rl_step_with_uneven_ranks(shard="fsdp")
+    infos = {}
+    for run, dtype in [(run, torch.float32) for run in PPO_RUNS] + [("expo_rank0", torch.bfloat16)]:
+        key = f"fsdp_ppo_{run}" + ("_bf16" if dtype == torch.bfloat16 else "")
+        policy, critic, adv, infos[key] = ppo_step(run, shard=True, dtype=dtype)
+        results.update({key: policy, f"{key}_critic": critic})
     torch.manual_seed(0)
     model = parallel.shard_model(Transformer(CFG), torch.bfloat16)        # bf16 gathers, autocast: the
     with autocast(torch.device("cpu"), torch.bfloat16):                   # residual stream stays fp32
@@ -254,6 +268,8 @@ def fsdp_worker(out):
     if rank == 0:
         for kind, sd in results.items():
             save_file(sd, os.path.join(out, f"{kind}.safetensors"))
+        with open(os.path.join(out, "fsdp_ppo_metrics.json"), "w") as f:
+            json.dump(infos, f)
     parallel.barrier()
     parallel.shutdown()
 
@@ -354,6 +370,23 @@ def test_two_processes_match_one(tmp_path):
     err = (torch.cat([(got[k] - want[k]).flatten() for k in want]).norm() / torch.cat([w.flatten() for w in want.values()]).norm())
     assert err < 6e-3, err
     assert load_file(tmp_path / "fsdp_bf16_sft.safetensors").keys() == want.keys() - {"lm_head.weight"}
+    # PPO under FSDP2 (the ExPO term on rank 0 only: rank 1 joins the gathers with a stand-in row)
+    infos = json.loads((tmp_path / "fsdp_ppo_metrics.json").read_text())
+    for run in list(PPO_RUNS) + ["expo_rank0_bf16"]:
+        bf16 = run.endswith("_bf16")
+        policy, critic, _, info = ppo_step(run.removesuffix("_bf16"), dtype=torch.bfloat16 if bf16 else torch.float32)
+        for name, want in ((f"fsdp_ppo_{run}", policy), (f"fsdp_ppo_{run}_critic", critic)):
+            got = load_file(tmp_path / f"{name}.safetensors")
+            assert want.keys() == got.keys(), name
+            if bf16:      # bf16 gathers vs autocast over fp32 weights: the step agrees to bf16's precision
+                flat = lambda d: torch.cat([d[k].flatten() for k in want])
+                err = (flat(got) - flat(want)).norm() / flat(want).norm()
+                assert err < 6e-3, (name, err)
+                continue
+            for k in want:
+                assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), (name, k, (got[k] - want[k]).abs().max())
+        for k in info:
+            assert abs(infos[f"fsdp_ppo_{run}"][k] - info[k]) < (1e-2 if bf16 else 1e-5), (run, k, info[k])
     # the stage trained under FSDP2: a whole HF directory, whose logits transformers computes as we do
     from transformers import Qwen2ForCausalLM
     path = tmp_path / "run" / "base"
