@@ -6,7 +6,7 @@
     python bench.py logprob                 # fused log-prob vs log_softmax + gather: time and peak memory
     python bench.py gpu                     # everything that needs one H100/H200, in <= 8 min (--smoke: tiny, on CPU)
     python bench.py memory --model=7b --act_ckpt   # GiB per GPU of every stage under FSDP2 on 8 x 80 GB: a plan, no GPU
-    python bench.py shard                   # peak memory per process of SFT steps on 2 CPU processes: full copy vs FSDP2
+    python bench.py shard                   # 2 CPU processes, full copy vs FSDP2: peak memory of SFT steps, and of loading
 
 Every run writes its raw figures as JSON (--json PATH; `gpu`: $OUT/bench_gpu.json when $OUT is set;
 `memory` prints them as its last line, and writes a file only with --json or $OUT/bench_memory.json).
@@ -565,6 +565,8 @@ def main():
     ap.add_argument("--rl_batch", type=int, default=0, help="memory: sampled sequences per RL step (0: config.py's)")
     args = ap.parse_args()
     if args.what == "shard-part":                # a torchrun child of `shard`
+        if args.shard.startswith("load-"):
+            return memory_plan.load_part(args.shard.removeprefix("load-"), args.model)
         return memory_plan.shard_part(args.shard)
     if args.what == "gpu-part":                  # a child of `gpu`: one part, its JSON on the last line
         print(json.dumps(GPU_PARTS[args.part][0]()))

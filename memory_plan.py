@@ -189,6 +189,31 @@ SHARD_CFG = ModelConfig(vocab_size=8000, hidden_size=512, intermediate_size=2048
                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
 
 
+LOAD_CFG = ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                       num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=512)
+
+
+def load_part(how, path):
+    """One torchrun process: the checkpoint at path loaded and sharded, whole first (how="whole") or
+    straight into this process's shards (how="meta"); the growth of its peak resident memory (MiB)
+    on rank 0's stdout, gathered."""
+    import resource
+    import parallel
+    import torch.distributed.fsdp
+    parallel.init()
+    assert torch.distributed.fsdp      # imported now, as shard_model would: not a cost of loading
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if how == "meta":
+        model = Transformer.from_pretrained(path, shard=parallel.shard_model)
+    else:
+        model = parallel.shard_model(Transformer.from_pretrained(path))
+    peak = parallel.gather([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before])
+    if parallel.is_main():
+        print(json.dumps({"params": num_params(model), "load_peak_mib": peak}), flush=True)
+    parallel.shutdown()
+    os._exit(0)     # FSDP2 leaves gloo threads running, which can abort a normal interpreter exit
+
+
 def shard_part(shard):
     """One torchrun process: two SFT steps (weights, gradients and AdamW state all live), then this
     process's peak resident memory (MiB) on rank 0's stdout, gathered."""
@@ -213,20 +238,34 @@ def shard_part(shard):
     assert m["skipped_steps"] == 0 and math.isfinite(m["loss"]), m     # both steps taken: AdamW's state exists
     peak = parallel.gather([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
     if parallel.is_main():
-        print(json.dumps({"params": num_params(model), "peak_mib": peak}))
+        print(json.dumps({"params": num_params(model), "peak_mib": peak}), flush=True)
     parallel.shutdown()
+    os._exit(0)     # FSDP2 leaves gloo threads running, which can abort a normal interpreter exit
+
+
+def _two_processes(*args):
+    """bench.py <args> under torchrun on 2 CPU processes -> the JSON its rank 0 printed last."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), *args], env=env,
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode:
+        raise SystemExit(f"bench.py {' '.join(args)}: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def bench_shard(machine):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    import tempfile
     res = {"bench": "shard", "machine": machine, "processes": 2}
     for shard in ("none", "fsdp"):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), "shard-part", "--shard", shard], env=env,
-                           capture_output=True, text=True, timeout=600)
-        if r.returncode:
-            raise SystemExit(f"shard {shard}: {r.stderr[-2000:]}")
-        res[shard] = json.loads(r.stdout.strip().splitlines()[-1])
+        res[shard] = _two_processes("shard-part", "--shard", shard)
         print(f"{shard:>5}: {res[shard]['params'] / 1e6:.0f}M parameters, peak RSS per process "
               + ", ".join(f"{m:.0f} MiB" for m in res[shard]["peak_mib"]))
+    with tempfile.TemporaryDirectory() as path:
+        torch.manual_seed(0)
+        Transformer(LOAD_CFG).save_pretrained(path)
+        for how in ("whole", "meta"):
+            res[f"load_{how}"] = r = _two_processes("shard-part", "--shard", f"load-{how}", "--model", path)
+            print(f"load, {how:>5}: {r['params'] / 1e6:.0f}M parameters (fp32), peak RSS growth per process "
+                  + ", ".join(f"{m:.0f} MiB" for m in r["load_peak_mib"]))
     return res

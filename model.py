@@ -264,8 +264,8 @@ class Transformer(nn.Module):
         return self.lm_head.weight.device
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None):
-        return load_pretrained(cls, path, device, dtype)
+    def from_pretrained(cls, path, device=None, dtype=None, shard=None):
+        return load_pretrained(cls, path, device, dtype, shard)
 
     def save_pretrained(self, path, token_ids=None, stop_ids=None, state_dict=None):
         """config.json + model.safetensors. token_ids (Tokenizer.special_token_ids: bos, eos, pad) go
@@ -309,14 +309,28 @@ class ValueModel(nn.Module):
         return self.score(self.model(input_ids, positions, attn_mask, docs=docs)).squeeze(-1)   # [B, T]
 
     @classmethod
-    def from_policy(cls, policy: Transformer):
-        vm = cls(policy.cfg).to(policy.lm_head.weight)
-        vm.model.load_state_dict(policy.model.state_dict())
+    def from_policy(cls, policy: Transformer, shard=None):
+        """A value model on the policy's trunk, with a zero head. shard: the policy is sharded, and
+        shard(model) (as in load_pretrained) shards the new one alike: each process copies its shards."""
+        if shard is None:
+            vm = cls(policy.cfg).to(policy.lm_head.weight)
+            vm.model.load_state_dict(policy.model.state_dict())
+            return vm
+        p0 = next(policy.parameters())
+        with torch.device("meta"):
+            vm = cls(policy.cfg).to(p0.dtype)
+        shard(vm)
+        vm.to_empty(device=p0.device)
+        trunk = dict(policy.model.named_parameters())
+        with torch.no_grad():
+            for name, p in vm.model.named_parameters():
+                p.to_local().copy_(trunk[name].to_local())
+            vm.score.weight.zero_()
         return vm
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None):
-        return load_pretrained(cls, path, device, dtype)
+    def from_pretrained(cls, path, device=None, dtype=None, shard=None):
+        return load_pretrained(cls, path, device, dtype, shard)
 
     def save_pretrained(self, path, token_ids=None, stop_ids=None, state_dict=None):
         # Same tensor names as transformers' Qwen2ForTokenClassification with one label. stop_ids:
@@ -366,17 +380,21 @@ def load_config(path) -> ModelConfig:
     return ModelConfig.from_hf(d, f)
 
 
-def load_pretrained(cls, path, device=None, dtype=None):
+def load_pretrained(cls, path, device=None, dtype=None, shard=None):
     """cls(config) with the checkpoint's weights, in `dtype` (default: the config's torch_dtype), on
     `device` (default: the CPU). The model is built on the meta device and its storage allocated
     where it will live, uninitialised: no random init, no host copy of a GPU model, and tensors are
-    read one at a time (load_weights refuses a checkpoint that leaves any of it unset)."""
+    read one at a time (load_weights refuses a checkpoint that leaves any of it unset).
+    shard(model), e.g. parallel.shard_model, runs on the meta device: each process then allocates
+    and reads only its own shard of every tensor."""
     cfg = load_config(path)
     with torch.device("meta"):
-        model = cls(cfg)
-    model = model.to(dtype or DTYPES[cfg.torch_dtype]).to_empty(device=device or "cpu")   # allocated once, in its dtype
-    if isinstance(model, Transformer) and cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight      # one tensor, as built
+        model = cls(cfg).to(dtype or DTYPES[cfg.torch_dtype])
+    if shard:
+        shard(model)
+    model = model.to_empty(device=device or "cpu")       # allocated once, in its dtype
+    if isinstance(model, Transformer) and cfg.tie_word_embeddings and not shard:
+        model.lm_head.weight = model.model.embed_tokens.weight      # one tensor, as built (FSDP2 keeps the tie)
     load_weights(model, path)
     return model
 
@@ -394,6 +412,13 @@ def weight_files(path):
                             "(only safetensors checkpoints are loaded)")
 
 
+def _first_row(p):
+    """The first row of an FSDP2 shard in its whole tensor: FSDP2 cuts dim 0 as torch.chunk does."""
+    (placement,), mesh = p.placements, p.device_mesh
+    assert placement.is_shard(0), f"expected a dim-0 shard, got {placement}"
+    return mesh.get_local_rank() * -(-p.shape[0] // mesh.size())
+
+
 def load_weights(model: nn.Module, path):
     """Copy every tensor of the checkpoint into `model`, by name, checking that nothing is missing,
     left over or mis-shaped. Tensors are cast to the model's dtype."""
@@ -403,17 +428,24 @@ def load_weights(model: nn.Module, path):
     seen = set()
     for file in weight_files(path):
         with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name not in params:
-                    if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
-                        continue   # derived buffers, or a redundant copy of the tied embedding
-                    raise ValueError(f"{file}: unexpected tensor {name!r} (not a Qwen2 parameter)")
-                t, p = f.get_tensor(name), params[name]
-                if t.shape != p.shape:
-                    raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
+            names = list(f.keys())
+        for name in names:
+            if name not in params:
+                if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                    continue   # derived buffers, or a redundant copy of the tied embedding
+                raise ValueError(f"{file}: unexpected tensor {name!r} (not a Qwen2 parameter)")
+            # the file is mapped per tensor: the pages read stay resident only while it is mapped
+            with safe_open(file, framework="pt") as f:
+                t, p = f.get_slice(name), params[name]
+                if tuple(t.get_shape()) != tuple(p.shape):
+                    raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.get_shape())}, "
                                      f"expected {tuple(p.shape)} from config.json")
                 with torch.no_grad():
-                    p.copy_(t.to(p.dtype))
+                    if hasattr(p, "full_tensor"):       # an FSDP2 shard: read this process's rows only
+                        local = p.to_local()
+                        local.copy_(t[_first_row(p):_first_row(p) + local.shape[0]])
+                    else:
+                        p.copy_(t[:])
                 seen.add(name)
     missing = [n for n in params if n not in seen and not (tied and n == "lm_head.weight")]
     if missing:

@@ -78,13 +78,25 @@ def folder(entry):
     return entry.split("/")[0]
 
 
-def load_stage(cfg, name):
-    """(model, tokenizer) of out/<name>, in fp32 on the run's device."""
+def load_stage(cfg, name, cls=Transformer, shard=None, dtype=torch.float32):
+    """(model, tokenizer) of out/<name>, in dtype on the run's device; shard: see sharding()."""
     path = stage_dir(cfg, name)
     checkpoint.restore_dir(path, has_model)
     if not has_model(path):
         raise SystemExit(f"{path}: no model there; run the stage that makes it first")
-    return Transformer.from_pretrained(path, device=get_device(cfg), dtype=torch.float32), Tokenizer.from_pretrained(path)
+    return cls.from_pretrained(path, device=get_device(cfg), dtype=dtype, shard=shard), Tokenizer.from_pretrained(path)
+
+
+def sharding(cfg, trained=True):
+    """(shard, dtype) to load a model of an RL stage with: under torchrun with --shard=fsdp, FSDP2
+    applied on the meta device (each process reads only its own shards); a trained model in fp32
+    gathering in the compute dtype, a frozen one stored in it. Else (None, fp32)."""
+    if cfg.shard != "fsdp" or parallel.world() == 1:
+        return None, torch.float32
+    low = compute_dtype(cfg.dtype, get_device(cfg))
+    if trained:
+        return (lambda m: parallel.shard_model(m, None if low == torch.float32 else low)), torch.float32
+    return parallel.shard_model, low
 
 
 def save_output(cfg, state, name, write):
@@ -275,18 +287,20 @@ def run_rl(cfg, state, src, dst, pool, temperature, group, steps, reward_fn=None
     question ids index problems (default: the RL questions). PPO's critic starts from critic_from
     when that holds a model, else from the ORM (or the policy's trunk with --orm=false); the ORM
     also scores responses with --orm_reward; a KL term compares with a frozen copy of out/<src>."""
-    dev = get_device(cfg)
-    policy, tok = load_stage(cfg, src)
+    (shard, _), frozen = sharding(cfg), sharding(cfg, trained=False)
+    policy, tok = load_stage(cfg, src, shard=shard)
     pcfg = rl.algo_config(cfg, group)
     orm_dir = stage_dir(cfg, "orm")
     use_orm = cfg.orm and has_model(orm_dir) and reward_fn is None
     critic = None
     if pcfg.adv_estimator == "gae":
         init = critic_from if critic_from and has_model(critic_from) else orm_dir if use_orm else None
-        critic = ValueModel.from_pretrained(init, device=dev) if init else ValueModel.from_policy(policy)
+        critic = ValueModel.from_pretrained(init, get_device(cfg), torch.float32, shard) if init else \
+            ValueModel.from_policy(policy, shard)
         state["log"](f"{dst}: the critic starts from {init or 'the policy (a zero value head)'}")
-    orm = ValueModel.from_pretrained(orm_dir, device=dev).eval() if use_orm and cfg.orm_reward else None
-    ref = load_stage(cfg, src)[0].eval().requires_grad_(False) if pcfg.kl_coef or pcfg.kl_loss_coef else None
+    orm = load_stage(cfg, "orm", ValueModel, *frozen)[0].eval() if use_orm and cfg.orm_reward else None
+    ref = load_stage(cfg, src, Transformer, *frozen)[0].eval().requires_grad_(False) \
+        if pcfg.kl_coef or pcfg.kl_loss_coef else None
     rl.rl_train(cfg, policy, tok, state["rl"] if problems is None else problems, pool, temperature, group, steps,
                 critic=critic, orm=orm, ref=ref, reward_fn=reward_fn, name=dst, log=state["log"],
                 ckpt_dir=os.path.join(cfg.out, "ckpt", state["stage"], dst))

@@ -239,6 +239,27 @@ def resume_falls_back_together(out):
     assert "cannot resume from" in logs[0] and "step-2" in logs[0], logs
 
 
+def sharded_loading(out):
+    """A checkpoint loaded straight into FSDP2 shards (each rank reads its own rows) holds the same
+    weights as a whole load, tied head included; a critic made from the sharded policy is the
+    one made from the whole policy."""
+    path = os.path.join(out, "whole")
+    if parallel.rank() == 0:
+        torch.manual_seed(0)
+        Transformer(dataclasses.replace(CFG, vocab_size=63)).save_pretrained(path)   # 63 rows: uneven shards
+    parallel.barrier()
+    whole = Transformer.from_pretrained(path)
+    sharded = Transformer.from_pretrained(path, shard=parallel.shard_model)
+    assert parallel.is_sharded(sharded)
+    assert sharded.lm_head.weight is sharded.model.embed_tokens.weight
+    got = parallel.full_state_dict(sharded)
+    if parallel.rank() == 0:
+        assert all(got[k].equal(v) for k, v in whole.state_dict().items())
+    critic = parallel.full_state_dict(ValueModel.from_policy(sharded, parallel.shard_model))
+    if parallel.rank() == 0:
+        assert all(critic[k].equal(v) for k, v in ValueModel.from_policy(whole).state_dict().items())
+
+
 def fsdp_worker(out):
     """The FSDP2 runs, in their own processes: DTensor's caches keep the group (and gloo's threads)
     alive after shutdown, which the check at the end of worker() would report; the processes still
@@ -252,6 +273,7 @@ def fsdp_worker(out):
     results["fsdp_grads"] = sft_grads(shard=True)
     results["fsdp_grads_bf16"] = sft_grads(shard=True, dtype=torch.bfloat16)
     rl_step_with_uneven_ranks(shard="fsdp")
+    sharded_loading(out)
     infos = {}
     for run, dtype in [(run, torch.float32) for run in PPO_RUNS] + [("expo_rank0", torch.bfloat16)]:
         key = f"fsdp_ppo_{run}" + ("_bf16" if dtype == torch.bfloat16 else "")

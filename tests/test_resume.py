@@ -3,6 +3,7 @@ ends with weights bitwise equal to an uninterrupted run, even after the crashed 
 a finished stage is not redone; a fresh run into it, or resuming with other options, is refused;
 configs that cannot work are refused before any work."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -199,3 +200,101 @@ def test_resume_may_move_the_run_and_change_how_it_runs(tmp_path):
     assert json.load(open(b / "progress.json"))["done"] == ["pretrain", "eval"]
     with pytest.raises(SystemExit, match="--seed=0 \\(now 1\\)"):
         train.main([f"--out={b}", "--stages=pretrain", "--resume", "--seed=1"] + TINY)
+
+
+def descendants(pid):
+    """The ids of pid's children, their children, ... (Linux /proc): torchrun starts each worker in a
+    session of its own, so killing torchrun's process group leaves the workers running."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parent[int(d)] = int(f.read().rpartition(")")[2].split()[1])
+        except (ValueError, OSError):
+            continue                # not a process, or one that just ended
+    found, todo = [], [pid]
+    while todo:
+        q = todo.pop()
+        kids = [c for c, p in parent.items() if p == q]
+        found += kids
+        todo += kids
+    return found
+
+
+def running(pid):
+    """pid is a process that has not ended (a zombie has: it waits only to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigkill_mid_rl_under_fsdp_then_resume(prepared, tmp_path):
+    """RL under FSDP2 in 2 processes, SIGKILLed in the middle (torchrun and its workers at once) and
+    resumed in 2 processes, ends with weights bitwise equal to an uninterrupted run; the sharded
+    checkpoint also resumes in one process, and the run goes on from the step it was saved at."""
+    a, b, c = (str(tmp_path / d) for d in "abc")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    rl_args = ["--stages=rl", "--shard=fsdp", *RL]
+    copy_models(prepared, a)
+    p = subprocess.run(torchrun + [f"--out={a}", "--stages=orm,rl", "--shard=fsdp", *RL], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)       # uninterrupted
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "2 processes" in p.stdout
+    copy_models(prepared, b)
+    shutil.copytree(os.path.join(a, "orm"), os.path.join(b, "orm"))     # the same ORM: rl alone from here
+
+    with open(tmp_path / "b.out", "w") as out:     # a file, not a pipe: workers left running would hold it open
+        p = subprocess.Popen(torchrun + [f"--out={b}", *rl_args], cwd=ROOT, env=env, stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            t0 = time.time()
+            while rl_steps_logged(b) < 3:                           # kill it in the middle of RL
+                assert p.poll() is None, (tmp_path / "b.out").read_text()[-3000:]
+                assert time.time() - t0 < 240, "the run never reached RL step 3"
+                time.sleep(0.02)
+        finally:
+            procs = descendants(p.pid)
+            for pg in [p.pid] + procs:        # torchrun's group, then each worker's (its own session)
+                try:
+                    os.killpg(pg, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            p.wait()
+    assert p.returncode == -signal.SIGKILL and len(procs) >= 2, procs
+    t0 = time.time()
+    while any(running(q) for q in procs):                           # no worker writes into b any more
+        assert time.time() - t0 < 10, "a worker outlived SIGKILL"
+        time.sleep(0.02)
+    assert not os.path.exists(os.path.join(b, "rl_round1"))       # the stage did not finish
+    ckpts = sorted(d for d in os.listdir(os.path.join(b, "ckpt", "rl", "rl_round1")) if d.startswith("step-"))
+    meta = json.load(open(os.path.join(b, "ckpt", "rl", "rl_round1", ckpts[-1], "meta.json")))
+    assert meta["sharded"] and meta["world_size"] == 2               # FSDP2 shards, not whole copies
+    shutil.copytree(b, c)
+
+    # one process resumes from the 2 processes' shards, and the run goes on where it was saved
+    p = subprocess.run([sys.executable, "train.py", f"--out={c}", *rl_args, "--resume=true"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resharded from 2 processes to 1" in p.stdout, p.stdout[-3000:]
+    at = int(p.stdout.split("rl_round1: resumed from ")[1].split(" at step ")[1].split("/")[0])
+    assert 2 <= at < 12          # step 3 was logged after step 2's checkpoint; the stage had not finished
+    steps = [json.loads(l) for l in open(os.path.join(c, "metrics.jsonl")) if l.strip().endswith("}")]
+    steps = [s for s in steps if s.get("stage") == "rl_round1" and "reward" in s]
+    assert [s["step"] for s in steps[len(steps) - (12 - at):]] == list(range(at + 1, 13))
+    assert all(math.isfinite(s["reward"]) and math.isfinite(s["kl"]) for s in steps)
+    assert os.path.isfile(os.path.join(c, "rl_round1", "model.safetensors"))
+
+    # 2 processes resume it as it was: bitwise the uninterrupted run
+    p = subprocess.run(torchrun + [f"--out={b}", *rl_args, "--resume=true"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "rl_round1: resumed from" in p.stdout and "resharded" not in p.stdout, p.stdout[-3000:]
+    for f in ("model.safetensors", os.path.join("critic", "model.safetensors")):
+        wa = load_file(os.path.join(a, "rl_round1", f))
+        wb = load_file(os.path.join(b, "rl_round1", f))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert wa[k].equal(wb[k]), (f, k)
