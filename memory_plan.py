@@ -96,8 +96,9 @@ KIND = {"policy": "policy", "reference": "policy", "critic": "value", "orm": "va
 
 def _plan_stages(cfg):
     """(stage, trained, frozen, sampler) as train.py builds them: models by role (KIND); sampler
-    "kept" through the update (rl.py keeps its Sampler for the whole loop), "apart" (stage orm
-    samples, frees its sampler, then trains) or None."""
+    "apart" (it is freed before the model trains: stage orm, and the RL stages under FSDP2, whose
+    sampler each step decodes from the policy gathered whole and is dropped before the update) or
+    None."""
     import dataclasses
     from rl import algo_config
 
@@ -106,7 +107,7 @@ def _plan_stages(cfg):
         trained = ["policy"] + (["critic"] if p.adv_estimator == "gae" else [])
         frozen = ((["orm"] if cfg.orm and cfg.orm_reward else [])
                   + (["reference"] if p.kl_coef or p.kl_loss_coef else []))
-        return trained, frozen, "kept"
+        return trained, frozen, "apart"
     return [("pretrain,sft,distill", ["policy"], [], None), ("orm", ["orm"], ["policy"], "apart"),
             ("rl,rl2 (ppo)", *rl_models("ppo", cfg.rl_group)), ("rl (grpo)", *rl_models("grpo", cfg.grpo_group))]
 
@@ -133,7 +134,7 @@ def memory_plan(mcfg, world, micro_batch, seq_len, rl_batch, act_ckpt, cfg=None)
              "frozen": 2 * sum(n[KIND[k]] for k in frozen) / world, "gathered": g, "activations": a,
              "temporaries": t, "sampler": 2 * n["policy"] + kv if sampler else 0}
         held = r["weights"] + r["grads"] + r["optimizer"] + r["frozen"]
-        r["total"] = held + (g + a + t + r["sampler"] if sampler == "kept" else max(g + a + t, r["sampler"]))
+        r["total"] = held + max(g + a + t, r["sampler"])      # the sampler is freed before training
         rows.append(r)
     return {"params": n, "kv_cache": kv, "sampler_seqs": max(1, rl_batch // world), "stages": rows}
 
@@ -176,8 +177,8 @@ def bench_memory(args):
                               **gib, "fits": fits})
     for r in plan["stages"]:
         print(f"  {r['stage']}: trains {' + '.join(r['trained'])}; frozen: {' + '.join(r['frozen_models']) or '-'}")
-    print(f"  fits: total <= {limit:.1f} GiB ({args.gpu_gb:g} GiB less a {args.margin:.0%} margin). The RL sampler "
-          "stays allocated through the update, as rl.py's does; orm's is freed before its training.")
+    print(f"  fits: total <= {limit:.1f} GiB ({args.gpu_gb:g} GiB less a {args.margin:.0%} margin). Every "
+          "sampler is freed before its stage trains (RL under FSDP2: each step), so a total is the larger phase.")
     return res
 
 

@@ -306,7 +306,8 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.score.weight)   # start as a constant critic
 
     def forward(self, input_ids, positions=None, attn_mask=None, docs=None):
-        return self.score(self.model(input_ids, positions, attn_mask, docs=docs)).squeeze(-1)   # [B, T]
+        # a copy, not a view: FSDP2 cannot hook the backward of a view its module returns
+        return self.score(self.model(input_ids, positions, attn_mask, docs=docs))[..., 0].clone()   # [B, T]
 
     @classmethod
     def from_policy(cls, policy: Transformer, shard=None):

@@ -12,6 +12,7 @@ reduce-scatter when the model is sharded (shard_model); they then equal (up to f
 order) the gradient of one process that saw the whole batch.
 """
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -27,9 +28,22 @@ if dist.is_available():
 BUCKET = 25_000_000   # elements per gradient all_reduce: few collectives, bounded extra memory
 
 
+def _die_with_launcher():
+    """Linux: this process gets SIGKILL when its parent, torchrun, dies. torchrun starts each worker
+    in a session of its own, so a launcher killed outright would leave its workers running, still
+    writing checkpoints into the run's directory that a --resume is about to use."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)     # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:                           # the launcher died before that took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init():
     """Join the process group when launched by torchrun with WORLD_SIZE > 1. -> (rank, world)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        _die_with_launcher()
         if torch.cuda.is_available():
             local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
             if local >= gpus:
