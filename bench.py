@@ -565,6 +565,8 @@ def main():
     ap.add_argument("--rl_batch", type=int, default=0, help="memory: sampled sequences per RL step (0: config.py's)")
     args = ap.parse_args()
     if args.what == "shard-part":                # a torchrun child of `shard`
+        if args.shard.startswith("ppo-"):
+            return memory_plan.ppo_part(args.shard.removeprefix("ppo-"))
         if args.shard.startswith("load-"):
             return memory_plan.load_part(args.shard.removeprefix("load-"), args.model)
         return memory_plan.shard_part(args.shard)

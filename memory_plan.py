@@ -244,6 +244,34 @@ def shard_part(shard):
     os._exit(0)     # FSDP2 leaves gloo threads running, which can abort a normal interpreter exit
 
 
+def ppo_part(shard):
+    """One torchrun process: two PPO optimizer steps of a policy and a critic of SHARD_CFG on random
+    rollouts (8 rows of 64 prompt + 192 response tokens a process), then its peak resident memory."""
+    import resource
+    import parallel
+    import ppo
+    from model import ValueModel
+    parallel.init()
+    torch.manual_seed(0)
+    policy, critic = Transformer(SHARD_CFG), ValueModel(SHARD_CFG)
+    if shard == "fsdp":
+        for m in (policy, critic):
+            parallel.shard_model(m)
+    g = torch.Generator().manual_seed(parallel.rank())
+    r = ppo.make_rollouts(torch.randint(8000, (8, 64), generator=g).tolist(),
+                          torch.randint(8000, (8, 192), generator=g).tolist(), 0)
+    r.old_logp, r.values = -9.0 * r.mask, torch.zeros_like(r.mask)
+    r.advantages, r.returns = torch.randn(r.mask.shape, generator=g) * r.mask, torch.randn(r.mask.shape, generator=g)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (policy, critic)]
+    info = ppo.ppo_update(policy, opts[0], r, ppo.PPOConfig(minibatch_size=8), critic, opts[1], micro_batch_size=4)
+    assert info["optimizer_steps"] == 2 and info["skipped_steps"] == 0, info
+    peak = parallel.gather([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
+    if parallel.is_main():
+        print(json.dumps({"params": num_params(policy) + num_params(critic), "peak_mib": peak}), flush=True)
+    parallel.shutdown()
+    os._exit(0)     # FSDP2 leaves gloo threads running, which can abort a normal interpreter exit
+
+
 def _two_processes(*args):
     """bench.py <args> under torchrun on 2 CPU processes -> the JSON its rank 0 printed last."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -262,6 +290,10 @@ def bench_shard(machine):
         res[shard] = _two_processes("shard-part", "--shard", shard)
         print(f"{shard:>5}: {res[shard]['params'] / 1e6:.0f}M parameters, peak RSS per process "
               + ", ".join(f"{m:.0f} MiB" for m in res[shard]["peak_mib"]))
+    for shard in ("none", "fsdp"):
+        res[f"ppo_{shard}"] = r = _two_processes("shard-part", "--shard", f"ppo-{shard}")
+        print(f"ppo, {shard:>5}: policy + critic {r['params'] / 1e6:.0f}M parameters, two PPO steps, peak RSS "
+              "per process " + ", ".join(f"{m:.0f} MiB" for m in r["peak_mib"]))
     with tempfile.TemporaryDirectory() as path:
         torch.manual_seed(0)
         Transformer(LOAD_CFG).save_pretrained(path)
