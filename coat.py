@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import data
-from reward import answer_end, coat_grammar_ok, extract_answer, grade, is_equiv, split_steps
+from reward import answer_end, coat_grammar_ok, extract_answer, grade, is_right, split_steps
 from tokenizer import CONTINUE, EXPLORE, REFLECT
 
 COAT_TYPES = ("no_reflect", "verify", "verify_correct", "correct_once", "correct_twice")
@@ -143,7 +143,7 @@ def answer_critic(problem, steps):
     the wrong step, i.e. the last step. The reflection says so and the hint is "Alternatively,": the
     generator redoes the last step from the steps before it. It cannot locate an earlier error."""
     pred = extract_answer(steps[-1]) if steps else None
-    if pred is not None and is_equiv(pred, problem["answer"]):
+    if pred is not None and is_right(pred, problem):
         return None
     why = f"The answer {pred} is not correct." if pred is not None else "This does not reach an answer."
     return max(len(steps) - 1, 0), why, "Alternatively,"
@@ -295,7 +295,7 @@ def _best_per_type(tok, chunk, done, scorer, stats):
     for t in done:
         p = chunk[t["q"]]
         text = render_coat([(m, s) for m, s, _ in t["items"]], t["sep"])
-        if grade(text, p["answer"]) is not True or not coat_grammar_ok(text):
+        if grade(text, p) is not True or not coat_grammar_ok(text):
             stats["bad"] += 1
             continue
         key = (t["q"], _TYPE_OF[tuple(t["refl"])])

@@ -49,7 +49,9 @@ class Config:
     test_data: str = ""           # JSONL of held-out questions; "" = the last n_test of `data`
     demos: str = ""               # JSONL of your own demonstrations for format tuning, in place of synthesized ones
     prompt: str = "satori"        # satori: Satori's ChatML prompt; chat_template: its words in the tokenizer's chat template
-    # the built-in task (data.TaskConfig): a chain of arithmetic operations
+    task: str = "chain"           # the built-in task: chain (data.TaskConfig) or countdown (countdown.py)
+    countdown_max_failed: int = 4  # countdown: failed attempts a worked solution shows before the right one, 0..this
+    # the chain task (data.TaskConfig): a chain of arithmetic operations
     task_n_steps: int = 3
     task_min_steps: int = 2       # > 0: the number of operations is uniform in [min_steps, n_steps]
     task_ops: str = "+-*"
@@ -314,7 +316,7 @@ RANGES = {
             "grpo_group rlsp_max_steps rlt_questions rlt_warm_batch_tokens rlt_steps rlt_group rlt_max_new_tokens "
             "rlt_distill_questions rlt_student_steps distill_questions distill_group distill_batch_tokens rl2_steps "
             "rl2_group eval_max_new_tokens gen_batch eval_batch",
-    ">= 0": "seed n_test ckpt_every rl_ckpt_every ckpt_keep task_min_steps n_rl rae_max_back dapo_overlong_buffer "
+    ">= 0": "seed n_test ckpt_every rl_ckpt_every ckpt_keep task_min_steps countdown_max_failed n_rl rae_max_back dapo_overlong_buffer "
             "dapo_max_refills min_free_gb "
             "pretrain_weight_decay sft_weight_decay orm_margin ent_coef kl_coef reward_clip grpo_kl rlsp_coef "
             "expo_beta rlt_kl rlt_lambda rlt_alpha",
@@ -329,7 +331,7 @@ RANGES = {
 _IN_RANGE = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0,
              "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1,
              "in [0, 1)": lambda v: 0 <= v < 1, "of any sign": lambda v: True}
-CHOICES = {"algo": ALGOS, "sampler_dtype": ("auto", "float32", "bfloat16"), "dtype": ("auto", "float32", "bfloat16"),
+CHOICES = {"task": ("chain", "countdown"), "algo": ALGOS, "sampler_dtype": ("auto", "float32", "bfloat16"), "dtype": ("auto", "float32", "bfloat16"),
            "shard": ("fsdp", "none"),
            "rlsp_schedule": ("constant", "linear_decay"), "prompt": PROMPT_STYLES}
 

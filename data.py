@@ -22,6 +22,7 @@ import random
 import re
 from dataclasses import dataclass, fields
 
+import countdown
 from reward import extract_answer
 
 # -----------------------------------------------------------------------------
@@ -392,9 +393,13 @@ def load_problems(cfg, need_solutions=False):
         random.Random(cfg.seed).shuffle(train)
         train, test = train[:-k], train[-k:]
         return train, test, train
-    # builtin_split fills train in stream order, so the first n_train are the same with or without n_rl
+    # the splits fill train in stream order, so the first n_train are the same with or without n_rl
     try:
-        problems, test = builtin_split(task_config(cfg), cfg.n_train + cfg.n_rl, n_test(cfg), cfg.seed)
+        if cfg.task == "countdown":
+            ccfg = countdown.CountdownConfig(max_failed=cfg.countdown_max_failed)
+            problems, test = countdown.split(ccfg, cfg.n_train + cfg.n_rl, n_test(cfg), cfg.seed)
+        else:
+            problems, test = builtin_split(task_config(cfg), cfg.n_train + cfg.n_rl, n_test(cfg), cfg.seed)
     except ValueError as e:                  # the --task_* options admit too few problems
         raise SystemExit(f"the built-in task: {e}") from None
     train, rl_questions = problems[:cfg.n_train], problems[cfg.n_train:]

@@ -38,7 +38,7 @@ def reflect_start_state(text, problem):
     before = text[:i]
     ans = reward.extract_answer(before)
     if ans is not None:
-        return reward.is_equiv(ans, problem["answer"])
+        return reward.is_right(ans, problem)
     if data.task_chain(problem) is not None:
         for t in COAT_TOKENS:
             before = before.replace(t, "\n")
@@ -53,7 +53,7 @@ def reflect_start_state(text, problem):
 def graded(text, problem):
     """(the \\boxed answer of a response or None, whether it is right)."""
     pred = reward.extract_answer(text)
-    return pred, reward.is_equiv(pred, problem["answer"])
+    return pred, reward.is_right(pred, problem)
 
 
 def score_responses(texts, problems, lengths=None):

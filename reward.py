@@ -3,7 +3,8 @@ Grading and rewards: text in, scalar out.
 
   extract_answer(text)  the content of the last complete \\boxed{...} (or None)
   is_equiv(pred, gold)  are two final answers the same? (exact, never eval / sympy of model text)
-  grade(text, gold)     True / False, or None when the response has no \\boxed answer
+  is_right(pred, problem)  is pred the problem's answer (is_equiv; a countdown problem: does it solve it)
+  grade(text, problem)  True / False, or None when the response has no \\boxed answer
   satori_reward(...)    Satori's sequence reward: rule + sigmoid(ORM) + reflection bonus, clipped
   coat_grammar_ok(text) does a response follow the Chain-of-Action-Thought format?
   exploration_reward    RLSP's reward for distinct reasoning steps
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from itertools import accumulate, repeat
 
+import countdown
 from tokenizer import COAT_TOKENS, EXPLORE, REFLECT
 
 # -----------------------------------------------------------------------------
@@ -308,10 +310,17 @@ def is_equiv(pred, gold):
     (p, p_pct), (g, g_pct) = _normalize(pred), _normalize(gold)
     return bool(p) and bool(g) and _equal(p, g, p_pct, g_pct)
 
-def grade(text, gold):
-    """Grade a full response: None if it has no \\boxed answer, else is_equiv(answer, gold)."""
+def is_right(pred, problem):
+    """Is the answer pred right for problem? On a countdown problem: an expression that makes the
+    target from the given numbers (countdown.check_answer); otherwise is_equiv(pred, its answer)."""
+    if countdown.is_countdown(problem):
+        return pred is not None and countdown.check_answer(pred, problem["numbers"], problem["target"])
+    return is_equiv(pred, problem["answer"])
+
+def grade(text, problem):
+    """Grade a full response to problem: None if it has no \\boxed answer, else is_right(answer, problem)."""
     pred = extract_answer(text)
-    return None if pred is None else is_equiv(pred, gold)
+    return None if pred is None else is_right(pred, problem)
 
 # -----------------------------------------------------------------------------
 # Satori's reward

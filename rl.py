@@ -40,7 +40,7 @@ def sample_and_grade(sampler, tok, problems, prompts, qids, group, temperature, 
     for i, o in enumerate(outs):
         k = i // group
         body = rep[i][skip[k]:] if skip else []
-        correct.append(reward.grade(tok.decode(body + o.body), problems[qids[k]]["answer"]) is True)
+        correct.append(reward.grade(tok.decode(body + o.body), problems[qids[k]]) is True)
     return outs, correct
 
 
@@ -48,7 +48,7 @@ def sample_all(sampler, tok, problems, prompts, qids, group, temperature, max_ne
     """`group` samples of every prompt, the prompts shared out over the processes -> per prompt,
     its [(response ids, correct)] * group, on every process."""
     outs = generate_shared(sampler, prompts, max_new_tokens, seed, group, temperature=temperature, stop_ids=tok.stop_ids)
-    return [[(o.tokens, reward.grade(tok.decode(o.body), problems[q]["answer"]) is True)
+    return [[(o.tokens, reward.grade(tok.decode(o.body), problems[q]) is True)
              for o in outs[i * group:(i + 1) * group]] for i, q in enumerate(qids)]
 
 # -----------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def expo_rollouts(cfg, sampler, tok, problems, states, correct, group, temperatu
     prompts = [tok.encode(reward.expo_prompt(tok, problems[q]["question"], problems[q]["answer"])) for q in qids]
     outs = sampler.generate(prompts, cfg.rl_max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids, seed=seed)
     rows = [(tok.encode_prompt(problems[q]["question"]), o.tokens) for q, o in zip(qids, outs)
-            if o.finished and reward.grade(tok.decode(o.body), problems[q]["answer"]) is True]
+            if o.finished and reward.grade(tok.decode(o.body), problems[q]) is True]
     if not rows:
         return None
     return ppo.make_rollouts([p for p, _ in rows], [t for _, t in rows], tok.pad_id, dev)

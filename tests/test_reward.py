@@ -151,9 +151,9 @@ def test_parse_number_values():
     assert parse_number("(" * 100 + "1" + ")" * 100) is None   # nesting cap
 
 def test_grade():
-    assert grade("Step 1: ... The answer is \\boxed{196}.", "196") is True
-    assert grade("The answer is \\boxed{195}.", "196") is False
-    assert grade("The answer is 196.", "196") is None
+    assert grade("Step 1: ... The answer is \\boxed{196}.", {"answer": "196"}) is True
+    assert grade("The answer is \\boxed{195}.", {"answer": "196"}) is False
+    assert grade("The answer is 196.", {"answer": "196"}) is None
 
 # -----------------------------------------------------------------------------
 # adversarial input is bounded

@@ -82,7 +82,7 @@ def check_record(rec, problem):
     text = rec["response"]
     assert text.endswith("<|im_end|>") and rec["prompt"] == PROMPT_TEMPLATE.format(question=problem["question"])
     body = text[:-len("<|im_end|>")]
-    assert coat_grammar_ok(text) and grade(text, problem["answer"]) is True
+    assert coat_grammar_ok(text) and grade(text, problem) is True
     for m in COAT_TOKENS:                                     # COAT tokens only at step starts
         for i in [x.start() for x in re.finditer(re.escape(m), body)]:
             assert body[i - 1] == "\n" and re.match(r"(Step \d+: |Let me check |The answer is )", body[i + len(m):])
@@ -208,7 +208,7 @@ def test_user_data_answer_critic(tok):
     assert set(synthesize_stats(records)) >= set(COAT_TYPES)
     assert {r["type"] for r in records} == {"no_reflect", "correct_once", "correct_twice"}
     for r in records:
-        assert coat_grammar_ok(r["response"]) and grade(r["response"], r["answer"]) is True
+        assert coat_grammar_ok(r["response"]) and grade(r["response"], r) is True
         if r["type"] != "no_reflect":
             assert "\n\n<|reflect|>The answer " in r["response"] and "is not correct.\n\n<|explore|>Alternatively, I recount" in r["response"]
         n_reflect = {"no_reflect": 0, "correct_once": 1, "correct_twice": 2}[r["type"]]
@@ -233,7 +233,7 @@ def test_random_model_through_sampler(tok):
     records = synthesize_coat(gen, tok, train, SynthConfig(group=4, max_new_tokens=16), log=lambda *a: None)
     assert calls[0] == 8 and len(calls) == 3        # samples, then two rounds of continuations of garbage
     for r in records:
-        assert r["type"] in COAT_TYPES and coat_grammar_ok(r["response"]) and grade(r["response"], r["answer"])
+        assert r["type"] in COAT_TYPES and coat_grammar_ok(r["response"]) and grade(r["response"], r)
 
 
 def test_sampler_generator_skips_prompts_without_room(tok):

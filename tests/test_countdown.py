@@ -1,0 +1,89 @@
+"""countdown.py: the grader (a parser, never eval), the problems, the honest search traces, the split."""
+import itertools
+import random
+import time
+
+import countdown as C
+import reward
+
+
+def test_grader_answers_right_and_wrong():
+    nums, target = [3, 7, 8], 29
+    for text in ("(3 * 7) + 8", "3*7+8", "8 + 7 * 3", "((3) * 7) + (8)", " 7 * 3 + 8 "):
+        assert C.check_answer(text, nums, target), text
+    for text in ("3 * 8 + 7",          # 31: the wrong value
+                 "3 * 7 + 9",          # a number not given
+                 "3 * 7 + 7",          # 7 twice, 8 never
+                 "3 * 7 + 8 + 0",      # a number too many
+                 "3 * 7",              # too few
+                 "29",                 # the target itself
+                 "(3 * 7 + 8", "3 * 7) + 8", "()", "3 * (7 + 8))",        # unbalanced brackets
+                 "8 / 0 + 21", "3 * 7 + 8 / 1", "3 ** 7", "-3 + 32", "3 * 7 + 8 =", "x", "", "\\frac{1}{2}"):
+        assert not C.check_answer(text, nums, target), text
+
+
+def test_grader_is_fast_and_never_raises_on_long_input():
+    for text in ("(" * 10_000, "1+" * 5_000 + "1", "9" * 10_000, ")" * 10_000, "(" * 60 + "1" + ")" * 60, "(" * 45 + "6" + ")" * 45):
+        t0 = time.perf_counter()
+        assert C.check_answer(text, [1, 2, 3], 6) is False
+        assert time.perf_counter() - t0 < 0.01
+
+
+def brute_force(numbers, ops="+-*"):
+    """Every value of every expression tree over the numbers, each once, intermediate values >= 0."""
+    if len(numbers) == 1:
+        return {numbers[0]}
+    out = set()
+    for i, j in itertools.permutations(range(len(numbers)), 2):
+        rest = [n for k, n in enumerate(numbers) if k not in (i, j)]
+        for op in ops:
+            v = C.apply(numbers[i], op, numbers[j])
+            if v >= 0:
+                out |= brute_force(rest + [v], ops)
+    return out
+
+
+def test_attempts_reach_every_value_an_expression_can():
+    rng = random.Random(0)
+    for _ in range(50):
+        nums = [rng.randint(1, 12) for _ in range(3)]
+        tries = C.attempts(nums)
+        assert {t[1][3] for t in tries} == brute_force(nums), nums
+        for t in tries:        # each attempt's expression is a right answer for its own value
+            assert C.check_answer(C.expression(t), nums, t[1][3]), t
+
+
+def test_problems_and_their_search_traces_are_honest():
+    rng = random.Random(1)
+    cfg = C.CountdownConfig()
+    failed = []
+    for _ in range(200):
+        p = C.make_problem(rng, cfg)
+        assert 1 <= p["target"] <= cfg.max_target and all(1 <= n <= cfg.max_number for n in p["numbers"])
+        assert C.parse_question(p["question"]) == (p["numbers"], p["target"])
+        assert C.check_answer(p["answer"], p["numbers"], p["target"])
+        assert reward.grade(p["solution"], p) is True and reward.grade(p["solution"], {**p, "target": 0}) is False
+        lines = p["solution"].split("\n")
+        assert lines[-1] == f"The answer is \\boxed{{{p['answer']}}}."
+        attempts = [lines[i:i + 3] for i in range(0, len(lines) - 1, 3)]
+        for k, (s1, s2, check) in enumerate(attempts):
+            a, op, b, v = s1.rstrip(".").replace("=", " ").split()
+            assert C.apply(int(a), op, int(b)) == int(v)                   # every value computed
+            x, op2, y, w = s2.rstrip(".").replace("=", " ").split()
+            assert C.apply(int(x), op2, int(y)) == int(w) and v in (x, y)   # from the first result
+            assert sorted([int(a), int(b), int(x) if y == v else int(y)]) == sorted(p["numbers"])
+            assert check == f"{w} vs {p['target']}: {'yes' if int(w) == p['target'] else 'no'}."
+            assert (int(w) == p["target"]) == (k == len(attempts) - 1)     # the last attempt alone is right
+        failed.append(len(attempts) - 1)
+    assert set(failed) == set(range(cfg.max_failed + 1))
+
+
+def test_split_is_by_hash_and_deterministic():
+    train, test = C.split(n_train=300, n_test=60, seed=0)
+    assert not {C.problem_key(p) for p in train} & {C.problem_key(p) for p in test}
+    assert all(C.is_test(p) for p in test) and not any(C.is_test(p) for p in train)
+    again, _ = C.split(n_train=300, n_test=60, seed=0)
+    assert [p["question"] for p in again] == [p["question"] for p in train]
+    other, other_test = C.split(n_train=300, n_test=60, seed=1)
+    assert [p["question"] for p in other] != [p["question"] for p in train]
+    assert not {C.problem_key(p) for p in other} & {C.problem_key(p) for p in test}
