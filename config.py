@@ -65,6 +65,7 @@ class Config:
     # the built-in base model (a small Qwen2): the shipped one, or pretrained by stage pretrain
     base: str = "assets/base"     # shipped base, used when made with this run's options; --base= pretrains one
     vocab_size: int = 384         # BPE vocabulary of the task tokenizer (chat tokens included)
+    whole_numbers: bool = False   # the task tokenizer keeps a number whole for BPE (frequent ones: one token) instead of a token per digit
     hidden_size: int = 128        # 0.54M parameters in all
     intermediate_size: int = 512
     num_hidden_layers: int = 2

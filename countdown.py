@@ -25,17 +25,17 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
-from itertools import permutations
+from itertools import combinations_with_replacement, permutations
 
 
 @dataclass
 class CountdownConfig:
     n_numbers: int = 3           # numbers given (an attempt is n_numbers - 1 operations)
-    max_number: int = 12         # each in [1, max_number]
+    max_number: int = 13         # each in [1, max_number]: 5,481 problems in all
     ops: str = "+-*"
     max_target: int = 150        # targets in [1, max_target], reachable by construction
     max_failed: int = 4          # a worked solution shows 0..max_failed failed attempts before the right one
-    test_fraction: float = 0.1   # share of the problem space held out for testing, by hash
+    test_fraction: float = 0.2   # share of the problems held out for testing, by hash: ~1,100
     split_salt: str = "nanosatori-countdown-v1"
 
 
@@ -136,21 +136,32 @@ def is_test(problem, cfg=None):
     return int.from_bytes(h[:8], "big") / 2 ** 64 < cfg.test_fraction
 
 
+def space(cfg):
+    """Every problem of the task as (sorted numbers, target): each multiset of numbers with each
+    target in range that an attempt reaches."""
+    out = []
+    for nums in combinations_with_replacement(range(1, cfg.max_number + 1), cfg.n_numbers):
+        out += [(list(nums), t) for t in sorted({a[1][3] for a in attempts(nums, cfg.ops)}) if 1 <= t <= cfg.max_target]
+    return out
+
+
 def split(cfg=None, n_train=1000, n_test=100, seed=0):
-    """(train, test): distinct problems on each side of the fixed partition, deterministic for a seed."""
+    """(train, test): up to n_train and n_test problems from each side of the fixed partition (all of
+    a side when it holds fewer), in an order and with number orders drawn from the seed."""
     cfg = cfg or CountdownConfig()
-    rng, train, test, seen = random.Random(seed), [], [], set()
-    for _ in range(1000 + 200 * (n_train + n_test)):
-        if len(train) >= n_train and len(test) >= n_test:
-            return train, test
-        p = make_problem(rng, cfg)
-        if problem_key(p) in seen:
-            continue
-        seen.add(problem_key(p))
-        bucket, want = (test, n_test) if is_test(p, cfg) else (train, n_train)
-        if len(bucket) < want:
-            bucket.append(p)
-    raise ValueError(f"could not draw {n_train} train + {n_test} test distinct countdown problems from {cfg}")
+    rng = random.Random(seed)
+    sides = {True: [], False: []}
+    for nums, target in space(cfg):
+        sides[is_test({"numbers": nums, "target": target}, cfg)].append((nums, target))
+    out = []
+    for side, n in ((False, n_train), (True, n_test)):
+        rng.shuffle(sides[side])
+        problems = []
+        for nums, target in sides[side][:n]:
+            nums = rng.sample(nums, len(nums))             # the order the question gives them in
+            problems.append(problem_from(nums, target, cfg, random.Random(rng.random())))
+        out.append(problems)
+    return out[0], out[1]
 
 
 # -----------------------------------------------------------------------------
@@ -233,3 +244,73 @@ def check_answer(text, numbers, target):
     """Does the expression use exactly the given numbers (each once) and equal the target?"""
     got = evaluate(text)
     return got is not None and got[0] == target and Counter(got[1]) == Counter(numbers)
+
+
+# -----------------------------------------------------------------------------
+# the exact critic of COAT synthesis: the first line of a trace that is not honest
+
+_OP = re.compile(r"(\d+) ([-+*]) (\d+) = (-?\d+)\.")
+_CHECK = re.compile(r"(-?\d+) vs (\d+): (yes|no)\.")
+
+
+def _best_op(pool, target, ops="+-*"):
+    """The operation on two numbers of pool that a right attempt starts with (pool: the problem's
+    numbers), or, with two numbers left, the one whose result is closest to the target."""
+    if len(pool) == 3:
+        return next(t[0] for t in attempts(pool, ops) if t[1][3] == target)
+    a, b = max(pool), min(pool)
+    return min(((x, op, y, apply(x, op, y)) for op in ops for x, y in ((a, b), (b, a))
+                if not (op == "-" and x < y)), key=lambda s: abs(s[3] - target))
+
+
+def _boxed(line):
+    m = re.search(r"\\boxed\{([^{}]*)\}", line)
+    return None if m is None else m.group(1)
+
+
+def critic(problem, steps):
+    """None when the lines are an honest search ending in a right answer; else (k, reflection, hint)
+    as coat.py's critics give them: line k is the first that is not honest (an operation on numbers
+    the attempt does not hold, or with a wrong result; a comparison of another value, or with a
+    wrong verdict; an answer before the target was made, or one that does not make it; nothing
+    where a line is due). The reflection is a re-check, or the comparison that was due; the hint,
+    the line to go on from. In COAT an attempt's comparison is its <|reflect|> step (coat_tags)."""
+    numbers, target = problem["numbers"], problem["target"]
+    pool, ops = list(numbers), []                      # the attempt's numbers left, its operations
+    fresh = step_line(_best_op(numbers, target))
+
+    def due():                                         # (reflection, hint) for the line that is due
+        if len(ops) == 2:                              # the comparison, kept in the chain: it is honest
+            v = ops[1][3]
+            return f"Check: {v} is {'' if v == target else 'not '}{target}.", check_line(v, target)
+        return f"Check: {target} is not made yet.", step_line(_best_op(pool, target)) if ops else fresh
+
+    def answer():
+        inner_left = ops[1][0] == ops[0][3]
+        return f"The answer is \\boxed{{{expression((*ops, inner_left))}}}."
+
+    for k, line in enumerate(steps):
+        op, check = _OP.fullmatch(line), _CHECK.fullmatch(line)
+        if op and len(ops) < 2:
+            a, sign, b, v = int(op[1]), op[2], int(op[3]), int(op[4])
+            rest = list(pool)
+            if a in rest:
+                rest.remove(a)
+            if a not in pool or b not in rest:
+                left = ", ".join(map(str, pool[:-1])) + f" and {pool[-1]}"
+                return k, f"Check: {a} {sign} {b} does not use the numbers left, {left}.", due()[1]
+            if apply(a, sign, b) != v:
+                return k, f"Check: {a} {sign} {b} = {apply(a, sign, b)}, not {v}.", f"{a} {sign} {b} = {apply(a, sign, b)}."
+            rest.remove(b)
+            pool, ops = rest + [v], ops + [(a, sign, b, v)]
+        elif check and len(ops) == 2 and line == check_line(ops[1][3], target):
+            if ops[1][3] != target:
+                pool, ops = list(numbers), []          # a failed attempt: the next one starts afresh
+                continue
+            ans = _boxed(steps[k + 1]) if k + 1 < len(steps) else None
+            if ans is not None and check_answer(ans, numbers, target) and k + 2 == len(steps):
+                return None
+            return k + 1, f"Check: {target} was made, so the answer is that attempt.", answer()
+        else:
+            return (k, *due())
+    return (len(steps), *due())

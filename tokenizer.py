@@ -210,14 +210,16 @@ def render_prompt(message: str, chat_template=CHAT_TEMPLATE, special_tokens=None
                                           add_generation_prompt=True, **(special_tokens or {}))
 
 
-def build_task_tokenizer(texts, vocab_size: int = 384, model_max_length: int = 1024) -> Tokenizer:
+def build_task_tokenizer(texts, vocab_size: int = 384, model_max_length: int = 1024,
+                         whole_numbers: bool = False) -> Tokenizer:
     """Train a small byte-level BPE on `texts` (the built-in task's corpus, which should include the
-    prompt template). Digits are split one per token, as in Qwen2, so arithmetic stays learnable.
-    Deterministic for the same texts in the same order. Its chat template is CHAT_TEMPLATE;
-    model_max_length: the model's max_position_embeddings."""
+    prompt template). Digits are split one per token, as in Qwen2, so arithmetic stays learnable;
+    whole_numbers: a number is one piece for BPE instead, so that its frequent numbers become single
+    tokens (arithmetic on them a lookup). Deterministic for the same texts in the same order. Its
+    chat template is CHAT_TEMPLATE; model_max_length: the model's max_position_embeddings."""
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Digits(individual_digits=not whole_numbers),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
     tk.decoder = decoders.ByteLevel()

@@ -181,7 +181,7 @@ def stage_pretrain(cfg, state):
     torch.manual_seed(cfg.seed)
     # the corpus holds each prompt as the new tokenizer will write it (render_prompt: its chat template)
     corpus = [render_prompt(INSTRUCTION.format(question=p["question"])) + data.solution_text(p) for p in train[:5000]]
-    tok = build_task_tokenizer(corpus, cfg.vocab_size, cfg.max_position_embeddings)
+    tok = build_task_tokenizer(corpus, cfg.vocab_size, cfg.max_position_embeddings, cfg.whole_numbers)
     mcfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
                        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
                        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,

@@ -87,3 +87,44 @@ def test_split_is_by_hash_and_deterministic():
     other, other_test = C.split(n_train=300, n_test=60, seed=1)
     assert [p["question"] for p in other] != [p["question"] for p in train]
     assert not {C.problem_key(p) for p in other} & {C.problem_key(p) for p in test}
+
+
+P = {"numbers": [3, 7, 8], "target": 29}
+
+
+def test_critic_accepts_every_honest_trace():
+    rng = random.Random(2)
+    for _ in range(200):
+        p = C.make_problem(rng)
+        assert C.critic(p, p["solution"].split("\n")) is None, p["solution"]
+
+
+def test_critic_finds_the_first_dishonest_line():
+    fail = ["8 * 3 = 24.", "24 + 7 = 31.", "31 vs 29: no."]
+    win = ["3 * 7 = 21.", "21 + 8 = 29.", "29 vs 29: yes.", "The answer is \\boxed{(3 * 7) + 8}."]
+    assert C.critic(P, fail + win) is None
+    k, why, hint = C.critic(P, ["8 * 3 = 23."] + fail[1:] + win)                # wrong arithmetic
+    assert (k, why, hint) == (0, "Check: 8 * 3 = 24, not 23.", "8 * 3 = 24.")
+    k, why, hint = C.critic(P, fail[:2] + ["31 vs 29: yes.", "The answer is \\boxed{(8 * 3) + 7}."])  # a false yes
+    assert (k, why, hint) == (2, "Check: 31 is not 29.", "31 vs 29: no.")
+    k, why, hint = C.critic(P, win[:2] + ["29 vs 29: no."])                     # a false no
+    assert (k, why, hint) == (2, "Check: 29 is 29.", "29 vs 29: yes.")
+    assert C.critic(P, win[:3] + ["The answer is \\boxed{31}."])[2] == win[3]   # the answer of that attempt
+    k, why, _ = C.critic(P, ["8 * 8 = 64."])                                    # a number used twice
+    assert k == 0 and "does not use the numbers left, 3, 7 and 8" in why
+    k, why, _ = C.critic(P, ["3 * 7 = 21.", "21 + 9 = 30."])                    # a number not given
+    assert k == 1 and "8 and 21" in why
+    assert C.critic(P, fail + ["The answer is \\boxed{(8 * 3) + 7}."])[:2] == (3, "Check: 29 is not made yet.")
+    assert C.critic(P, fail[:2] + ["3 * 7 = 21."])[::2] == (2, "31 vs 29: no.")          # no comparison
+    assert C.critic(P, win[:3] + ["The answer is \\boxed{(8 * 3) + 7}."])[0] == 3       # not the attempt
+    assert C.critic(P, fail)[0] == 3 and C.critic(P, [])[0] == 0                         # no answer yet
+    # following the hints from any line on ends in an honest solution
+    for bad in (["8 * 3 = 23."], fail[:2] + ["31 vs 29: yes."], ["8 * 8 = 64."], fail + ["x"]):
+        steps = bad
+        for _ in range(12):
+            verdict = C.critic(P, steps)
+            if verdict is None:
+                break
+            k, why, hint = verdict
+            steps = steps[:k] + [hint]
+        assert verdict is None, steps

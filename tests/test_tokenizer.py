@@ -24,6 +24,13 @@ def test_round_trip_and_digits_split(tok):
     assert pieces == ["1", "2", "3", "4", "5"]
 
 
+def test_whole_numbers_become_single_tokens():
+    t = build_task_tokenizer(CORPUS, vocab_size=700, whole_numbers=True)
+    assert t.decode(t.encode(CORPUS[7])) == CORPUS[7]
+    assert [t.decode([i]) for i in t.encode(" 42 + 5 = 47")] == [" ", "42", " +", " ", "5", " =", " ", "47"]
+    assert len(t.encode("98765")) > 1          # a number the corpus never had is still spelled out
+
+
 def test_coat_tokens_are_single_special_tokens(tok):
     ids = {t: tok.token_id(t) for t in COAT_TOKENS}
     assert len(set(ids.values())) == 3 and tok.coat_ids == set(ids.values())
