@@ -431,6 +431,15 @@ def check_config(cfg, names, world):
     if need >= positions:
         raise SystemExit(f"generation budgets (eval_max_new_tokens, rl_max_new_tokens, synth_max_new_tokens) need "
                          f"~{need} positions before the prompt; the model has max_position_embeddings={positions}")
+    _check_device(cfg)
+
+
+def _check_device(cfg):
+    """bf16 compute (--dtype, whose auto is bf16 on CUDA) needs a GPU that has it (Ampere or later)."""
+    cuda = cfg.device.startswith("cuda") or (not cfg.device and torch.cuda.is_available())
+    if cuda and cfg.dtype in ("auto", "bfloat16") and not torch.cuda.is_bf16_supported():
+        raise SystemExit(f"--dtype={cfg.dtype}: bf16 compute, which {torch.cuda.get_device_name()} does not have; "
+                         "use --dtype=float32")
 
 
 def base_path(cfg):

@@ -157,3 +157,16 @@ def test_a_real_shell_sees_one_line_and_exit_2_and_debug_shows_the_traceback(tmp
     p = run("--rl_steps=-1", "--debug")
     assert p.returncode == 2 and "Traceback" in p.stderr and p.stderr.endswith("expected an integer >= 1\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    for dtype in ("auto", "bfloat16"):
+        with pytest.raises(SystemExit, match=f"--dtype={dtype}: bf16 compute, which Tesla V100 does not have"):
+            train.main([f"--out={tmp_path}", "--stages=eval", f"--dtype={dtype}"])
+    with pytest.raises(SystemExit, match="--dtype"):       # named even when the device is given
+        train.main([f"--out={tmp_path}", "--stages=eval", "--device=cuda"])
+    assert not os.listdir(tmp_path)
