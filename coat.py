@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import countdown
 import data
 from reward import answer_end, coat_grammar_ok, extract_answer, grade, is_right, split_steps
 from tokenizer import CONTINUE, EXPLORE, REFLECT
@@ -150,13 +151,18 @@ def answer_critic(problem, steps):
 
 
 def default_critic(problem, steps):
-    """task_critic for a built-in task problem, answer_critic for anything else."""
+    """task_critic for a chain task problem, countdown.critic for a countdown one, answer_critic for
+    anything else."""
+    if countdown.is_countdown(problem):
+        return countdown.critic(problem, steps)
     return task_critic(problem, steps) if _task(problem) else answer_critic(problem, steps)
 
 
 def default_verifier(problem, j, step):
-    """task_verifier for a built-in task problem; None (no verification) for anything else, whose
-    steps nothing here can check."""
+    """task_verifier for a chain task problem, countdown.verifier for a countdown one; None (no
+    verification) for anything else, whose steps nothing here can check."""
+    if countdown.is_countdown(problem):
+        return countdown.verifier(problem, j, step)
     return task_verifier(problem, j, step) if _task(problem) else None
 
 # -----------------------------------------------------------------------------
@@ -294,17 +300,30 @@ def _best_per_type(tok, chunk, done, scorer, stats):
     best = {}                    # (question, type) -> (score, response)
     for t in done:
         p = chunk[t["q"]]
-        text = render_coat([(m, s) for m, s, _ in t["items"]], t["sep"])
-        if grade(text, p) is not True or not coat_grammar_ok(text):
-            stats["bad"] += 1
-            continue
-        key = (t["q"], _TYPE_OF[tuple(t["refl"])])
-        score = scorer(p, text) if scorer else -len(text)
-        if key not in best or score > best[key][0]:
-            best[key] = (score, text)
+        for typ, items in _typed(p, t):
+            text = render_coat([(m, s) for m, s, _ in items], t["sep"])
+            if grade(text, p) is not True or not coat_grammar_ok(text):
+                stats["bad"] += 1
+                continue
+            score = scorer(p, text) if scorer else -len(text)
+            if (t["q"], typ) not in best or score > best[t["q"], typ][0]:
+                best[t["q"], typ] = (score, text)
     return [{"question": p["question"], "answer": p["answer"], "prompt": tok.prompt(p["question"]),
              "response": best[q, typ][1] + tok.eos_token, "type": typ}
             for q, p in enumerate(chunk) for typ in COAT_TYPES if (q, typ) in best]
+
+
+def _typed(problem, t):
+    """[(type, items)] of a finished trajectory. On countdown the comparisons in the base's own
+    search are the reflections (countdown.coat_items), and a single right attempt also gives a
+    no_reflect demonstration without its comparison."""
+    if not countdown.is_countdown(problem):
+        return [(_TYPE_OF[tuple(t["refl"])], t["items"])]
+    items = countdown.coat_items(t["items"], REFLECT, EXPLORE)
+    typ = countdown.coat_type(items, REFLECT, EXPLORE)
+    if typ != "verify":
+        return [(typ, items)]
+    return [(typ, items), ("no_reflect", [(m, s, i) for m, s, i in items if m != REFLECT])]
 
 
 def _traj(q, steps, sep):
@@ -363,17 +382,23 @@ def read_demos(path):
 
 
 def demo_example(tok, demo):
-    """(prompt ids, response ids ending in eos, loss mask) of a COAT demonstration. For a built-in
-    task problem the steps that the demonstration later corrects (any step line that is not a line
-    of the reference solution) are context, not targets: the model learns to reflect and correct,
-    not to make the base model's mistakes. Reflections and the rest are targets."""
-    chain = data.task_chain({"question": demo["question"]})
-    good = set(data.problem_from(*chain)["solution"].split("\n")) if chain else None
+    """(prompt ids, response ids ending in eos, loss mask) of a COAT demonstration. The lines that a
+    demonstration later corrects are context, not targets, so that the model learns to reflect and
+    correct, not to make the base model's mistakes: on the chain task any step line that is not a
+    line of the reference solution, on countdown a line that states something false
+    (countdown.honest). Reflections and the rest are targets."""
+    chain, search = data.task_chain({"question": demo["question"]}), countdown.is_countdown(demo)
+    if search:                            # reflections included: a comparison can be false too
+        honest = lambda meta, line: countdown.honest(line, demo)
+    elif chain:
+        good = set(data.problem_from(*chain)["solution"].split("\n"))
+        honest = lambda meta, line: meta == REFLECT or line.strip() in good
+    else:                                 # a user's data: nothing here can tell
+        honest = lambda meta, line: True
     ids, keep = [], []
     for meta, text in split_steps(demo["response"]):
         piece = tok.encode((meta or "") + text)
-        ok = good is None or meta == REFLECT or all(
-            line.strip() in good for line in text.replace(tok.eos_token, "").split("\n") if line.strip())
+        ok = all(honest(meta, line) for line in text.replace(tok.eos_token, "").split("\n") if line.strip())
         ids += piece
         keep += [ok] * len(piece)
     if ids[-1:] != [tok.eos_id]:

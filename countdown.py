@@ -101,8 +101,16 @@ def parse_question(question):
     return [int(x) for x in m.group(1).split(",")] + [int(m.group(2))], int(m.group(4))
 
 
+def numbers_target(problem):
+    """(numbers, target) of a countdown problem, from its fields or parsed from its question; None
+    for any other problem."""
+    if "numbers" in problem and "target" in problem:
+        return list(problem["numbers"]), int(problem["target"])
+    return parse_question(problem.get("question", ""))
+
+
 def is_countdown(problem):
-    return "target" in problem and "numbers" in problem
+    return numbers_target(problem) is not None
 
 
 def make_problem(rng, cfg=None):
@@ -275,7 +283,7 @@ def critic(problem, steps):
     wrong verdict; an answer before the target was made, or one that does not make it; nothing
     where a line is due). The reflection is a re-check, or the comparison that was due; the hint,
     the line to go on from. In COAT an attempt's comparison is its <|reflect|> step (coat_tags)."""
-    numbers, target = problem["numbers"], problem["target"]
+    numbers, target = numbers_target(problem)
     pool, ops = list(numbers), []                      # the attempt's numbers left, its operations
     fresh = step_line(_best_op(numbers, target))
 
@@ -314,3 +322,71 @@ def critic(problem, steps):
         else:
             return (k, *due())
     return (len(steps), *due())
+
+
+def verifier(problem, j, step):
+    """A <|reflect|> step re-checking operation line `step` (its index j unused: a line says all it
+    needs), or None when the line is not a right operation (a check never vouches for a wrong one)."""
+    op = _OP.fullmatch(step)
+    if op is None or apply(int(op[1]), op[2], int(op[3])) != int(op[4]):
+        return None
+    return f"Check: {op[1]} {op[2]} {op[3]} = {op[4]}. It is right."
+
+
+def honest(line, problem):
+    """False for a line that states something false: an operation with a wrong result, a comparison
+    with the wrong target or verdict, an answer that does not make the target. Format tuning learns
+    the reflections on such lines, not them."""
+    (numbers, target), line = numbers_target(problem), line.strip()
+    op, check, answer = _OP.fullmatch(line), _CHECK.fullmatch(line), _boxed(line)
+    if op:
+        return apply(int(op[1]), op[2], int(op[3])) == int(op[4])
+    if check:
+        return line == check_line(int(check[1]), target) and int(check[2]) == target
+    return answer is None or check_answer(answer, numbers, target)
+
+
+# -----------------------------------------------------------------------------
+# COAT on this task: the comparison is the reflection, the next attempt the exploration
+
+_RESTATED = re.compile(r"Check: -?\d+ is (not )?\d+\.")      # the critic on a comparison (critic's due())
+
+
+def coat_items(items, reflect, explore):
+    """The COAT steps of a synthesised trajectory, items [(meta, text, chain index or None for a
+    critic's reflection)]: each comparison becomes a <|reflect|> step and the first line after a
+    failed one an <|explore|> step. A critic's reflection on a comparison gives way to the honest
+    comparison that follows it (its hint), which says the same."""
+    out = []
+    for i, (meta, text, idx) in enumerate(items):
+        nxt = items[i + 1][1] if i + 1 < len(items) else ""
+        if meta == reflect and idx is None and _RESTATED.fullmatch(text) and _CHECK.fullmatch(nxt):
+            continue
+        if _CHECK.fullmatch(text) and out:
+            meta = reflect
+        elif out and out[-1][1].endswith(": no.") and _CHECK.fullmatch(out[-1][1]):
+            meta = explore
+        out.append((meta, text, idx))
+    return out
+
+
+def coat_type(items, reflect, explore):
+    """Satori's type of a countdown trajectory: explorations are corrections (a failed attempt
+    redone, or a critic's fix); reflections that are not followed by one are verifications."""
+    fixes = sum(m == explore for m, _, _ in items)
+    checks = sum(m == reflect for m, _, _ in items) - fixes
+    if fixes == 0:
+        return "verify" if checks else "no_reflect"
+    if fixes == 1:
+        return "verify_correct" if any(m == reflect and t.endswith("It is right.") for m, t, _ in items) \
+            else "correct_once"
+    return "correct_twice"
+
+
+def right_before(lines, problem):
+    """Had the lines before a response's first reflection made the target honestly? (The state that
+    self-correction metrics start from: a first attempt that failed, or one that succeeded.)"""
+    ops = [_OP.fullmatch(l) for l in lines if _OP.fullmatch(l)]
+    if len(ops) < 2 or not all(honest(l, problem) for l in lines):
+        return False
+    return int(ops[-1][4]) == numbers_target(problem)[1]

@@ -12,6 +12,7 @@ import json
 import os
 import time
 
+import countdown
 import data
 import reward
 from rollout import generate_shared, sampler_for
@@ -39,6 +40,11 @@ def reflect_start_state(text, problem):
     ans = reward.extract_answer(before)
     if ans is not None:
         return reward.is_right(ans, problem)
+    if countdown.is_countdown(problem):            # a comparison is the first reflection: did the attempt make it?
+        for t in COAT_TOKENS:
+            before = before.replace(t, "\n")
+        lines = [l.strip() for l in before.split("\n") if l.strip()]
+        return countdown.right_before(lines, problem) if lines else None
     if data.task_chain(problem) is not None:
         for t in COAT_TOKENS:
             before = before.replace(t, "\n")

@@ -313,8 +313,9 @@ def is_equiv(pred, gold):
 def is_right(pred, problem):
     """Is the answer pred right for problem? On a countdown problem: an expression that makes the
     target from the given numbers (countdown.check_answer); otherwise is_equiv(pred, its answer)."""
-    if countdown.is_countdown(problem):
-        return pred is not None and countdown.check_answer(pred, problem["numbers"], problem["target"])
+    task = countdown.numbers_target(problem)
+    if task is not None:
+        return pred is not None and countdown.check_answer(pred, *task)
     return is_equiv(pred, problem["answer"])
 
 def grade(text, problem):

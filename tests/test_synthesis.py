@@ -246,3 +246,62 @@ def test_sampler_generator_skips_prompts_without_room(tok):
     sample = sampler_generator(Sampler(model, max_batch=4, block_size=8, max_seq_len=40), stop_ids=[])
     outs = sample([[1] * 40, [2] * 35, [3] * 10, [4] * 50], 1.0, 8, 0)
     assert [len(o) for o in outs] == [0, 5, 8, 0]
+
+
+def test_countdown_synthesis_yields_each_type_and_masks_false_lines():
+    """Countdown: the base's comparisons are the reflections, the attempt after a failed one the
+    exploration; its false lines (a wrong product, a false 'yes') get the critic's correction and
+    are context, not targets, in format tuning."""
+    import countdown
+    from coat import demo_example
+    problems = countdown.split(n_train=6, n_test=0, seed=3)[0]
+    ctok = build_task_tokenizer([PROMPT_TEMPLATE.format(question=p["question"]) + p["solution"] for p in problems] * 5,
+                                vocab_size=400)
+    ctok.add_coat_tokens()
+
+    def honest_from(p, lines):               # the critic's hints, followed to an answer: an honest search
+        for _ in range(40):
+            verdict = countdown.critic(p, lines)
+            if verdict is None:
+                return lines
+            lines = lines[:verdict[0]] + [verdict[2]]
+        raise AssertionError(lines)
+
+    def generate(prompts, temperature, max_new_tokens, seed):
+        outs = []
+        for i, ids in enumerate(prompts):
+            question, written = _parse_prompt(ctok, ids)
+            p = next(p for p in problems if p["question"] == question)
+            done = [l for l in written.split("\n") if l.strip()]
+            if done:                                         # a continuation: go on honestly
+                lines = honest_from(p, done)[len(done):]
+            else:
+                fails = [t for t in countdown.attempts(p["numbers"]) if t[1][3] != p["target"]]
+                lines = []
+                for t in fails[:i % 3]:                      # 0, 1 or 2 failed attempts first
+                    lines += [countdown.step_line(t[0]), countdown.step_line(t[1]),
+                              countdown.check_line(t[1][3], p["target"])]
+                if i % 4 == 3:                               # a false 'yes' on a failed attempt
+                    t = fails[-1]
+                    lines = [countdown.step_line(t[0]), countdown.step_line(t[1]), f"{t[1][3]} vs {p['target']}: yes.",
+                             f"The answer is \\boxed{{{countdown.expression(t)}}}."]
+                else:
+                    lines = honest_from(p, lines)
+            outs.append(ctok.encode(("\n" if done else "") + "\n".join(lines)))
+        return outs
+
+    records = synthesize_coat(generate, ctok, problems, SynthConfig(group=8, verify_prob=0.5, reflect_delay=0),
+                              log=lambda *a: None, seed=1)
+    assert {r["type"] for r in records} == set(COAT_TYPES)
+    for r in records:
+        text = r["response"]
+        assert coat_grammar_ok(text) and grade(text, r) is True, text
+        steps = split_steps(text.replace(ctok.eos_token, ""))
+        for (m0, s0), (m1, s1) in zip(steps, steps[1:]):       # every comparison is a reflection ...
+            assert (m1 == "<|reflect|>") == (s1.strip().endswith(("yes.", "no.", "It is right.")) or s1.startswith("Check"))
+            assert (m1 == "<|explore|>") == (s0.strip().endswith(": no.") or (m0 == "<|reflect|>" and "not" in s0))
+        if r["type"] == "no_reflect":
+            assert "<|reflect|>" not in text
+        _, ids, keep = demo_example(ctok, r)                    # ... and a false line is context
+        false = [l for m, s in steps for l in s.split("\n") if l.strip() and not countdown.honest(l, r)]
+        assert (all(keep) if not false else not all(keep)), (text, false)
