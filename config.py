@@ -51,6 +51,7 @@ class Config:
     prompt: str = "satori"        # satori: Satori's ChatML prompt; chat_template: its words in the tokenizer's chat template
     task: str = "chain"           # the built-in task: chain (data.TaskConfig) or countdown (countdown.py)
     countdown_max_failed: int = 4  # countdown: failed attempts a worked solution shows before the right one, 0..this
+    countdown_traces: int = 5     # countdown: worked solutions per problem in the pretraining corpus, each its own search
     # the chain task (data.TaskConfig): a chain of arithmetic operations
     task_n_steps: int = 3
     task_min_steps: int = 2       # > 0: the number of operations is uniform in [min_steps, n_steps]
@@ -309,7 +310,7 @@ def help_text():
 
 # the range of every number option (a test holds each int and float field of Config to one)
 RANGES = {
-    ">= 1": "task_n_steps task_start_max task_max_operand task_mul_max task_max_value "
+    ">= 1": "countdown_traces task_n_steps task_start_max task_max_operand task_mul_max task_max_value "
             "n_train vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
             "num_key_value_heads max_position_embeddings pretrain_steps pretrain_batch_tokens synth_questions "
             "synth_group synth_max_new_tokens sft_batch_tokens grad_accum log_every rae_questions rae_group "

@@ -194,6 +194,19 @@ def search_trace(numbers, target, cfg, rng):
     return "\n".join(lines + [f"The answer is \\boxed{{{answer}}}."]), answer
 
 
+def with_traces(problems, copies, cfg=None, seed=0):
+    """Each problem `copies` times, each with its own search trace: a pretraining corpus in which an
+    operation is seen in many attempts rather than one trace seen many times."""
+    cfg, rng = cfg or CountdownConfig(), random.Random(seed)
+    out = []
+    for p in problems:
+        out.append(p)
+        for _ in range(copies - 1):
+            solution, answer = search_trace(p["numbers"], p["target"], cfg, rng)
+            out.append(dict(p, solution=solution, answer=answer))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # the grader: a small parser of + - * ( ) over integers, never eval
 

@@ -128,3 +128,13 @@ def test_critic_finds_the_first_dishonest_line():
             k, why, hint = verdict
             steps = steps[:k] + [hint]
         assert verdict is None, steps
+
+
+def test_pretraining_copies_are_different_honest_searches():
+    problems = C.split(n_train=20, n_test=0, seed=0)[0]
+    corpus = C.with_traces(problems, 5, seed=0)
+    assert len(corpus) == 100 and corpus[::5] == problems
+    for i, p in enumerate(problems):
+        copies = corpus[5 * i:5 * i + 5]
+        assert all(c["question"] == p["question"] and C.critic(c, c["solution"].split("\n")) is None for c in copies)
+        assert len({c["solution"] for c in copies}) > 1
