@@ -397,9 +397,10 @@ def coat_type(items, reflect, explore):
 
 
 def right_before(lines, problem):
-    """Had the lines before a response's first reflection made the target honestly? (The state that
-    self-correction metrics start from: a first attempt that failed, or one that succeeded.)"""
+    """Had the lines before a response's first reflection made the target honestly? The state that
+    self-correction metrics start from: a first attempt that failed, or one that succeeded; None
+    when no attempt was complete (a re-check of its first operation)."""
     ops = [_OP.fullmatch(l) for l in lines if _OP.fullmatch(l)]
-    if len(ops) < 2 or not all(honest(l, problem) for l in lines):
-        return False
-    return int(ops[-1][4]) == numbers_target(problem)[1]
+    if len(ops) < 2:
+        return None
+    return all(honest(l, problem) for l in lines) and int(ops[-1][4]) == numbers_target(problem)[1]

@@ -138,3 +138,37 @@ def test_pretraining_copies_are_different_honest_searches():
         copies = corpus[5 * i:5 * i + 5]
         assert all(c["question"] == p["question"] and C.critic(c, c["solution"].split("\n")) is None for c in copies)
         assert len({c["solution"] for c in copies}) > 1
+
+
+def test_tiny_countdown_pipeline(tmp_path):
+    """--task=countdown through pretrain, format tuning on a demonstration, the ORM, RL and eval on a
+    toy scale (a random model solves nothing, so distillation has nothing to distil)."""
+    import json
+    import os
+    import train
+    from test_train import TINY
+    demo = ("8 * 3 = 24.\n<|continue|>24 + 7 = 31.\n<|reflect|>31 vs 29: no.\n<|explore|>3 * 7 = 21.\n"
+            "<|continue|>21 + 8 = 29.\n<|reflect|>29 vs 29: yes.\n<|continue|>The answer is \\boxed{(3 * 7) + 8}.")
+    (tmp_path / "demos.jsonl").write_text(json.dumps({"question": C.question_of([3, 7, 8], 29), "response": demo}) + "\n")
+    out = str(tmp_path / "run")
+    train.main([f"--out={out}", "--task=countdown", "--base=", f"--demos={tmp_path / 'demos.jsonl'}",
+                "--stages=pretrain,synthesize,sft,orm,rl,eval", "--whole_numbers", "--rae_questions=4",
+                "--rae_group=2", "--rl_batch=4", "--minibatch_size=2", "--micro_batch=1", "--rl_max_new_tokens=8",
+                "--rl_steps=2"] + TINY)
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert [r["name"] for r in res["stages"]] == ["base", "format_tuned", "rl_round1"] and res["stages"][0]["n"] == 4
+    rows = [json.loads(l) for l in open(os.path.join(out, "responses.jsonl"))]
+    assert all(C.parse_question(r["question"]) for r in rows)
+
+
+def test_self_correction_starts_from_the_first_attempt():
+    from eval import reflect_start_state, score_responses
+    q = {"question": C.question_of([3, 7, 8], 29)}
+    fail = "8 * 3 = 24.\n<|continue|>24 + 7 = 31.\n<|reflect|>31 vs 29: no.\n<|explore|>"
+    win = "3 * 7 = 21.\n<|continue|>21 + 8 = 29.\n<|reflect|>29 vs 29: yes.\n<|continue|>The answer is \\boxed{(3 * 7) + 8}."
+    lie = "8 * 3 = 24.\n<|continue|>24 + 7 = 29.\n<|reflect|>29 vs 29: yes.\n<|continue|>The answer is \\boxed{(8 * 3) + 7}."
+    assert reflect_start_state(fail + win, q) is False and reflect_start_state(win, q) is True
+    assert reflect_start_state(lie, q) is False                    # made "29" only by a false sum
+    assert reflect_start_state("3 * 7 = 21.\n<|reflect|>Check: 3 * 7 = 21. It is right.\n<|continue|>", q) is None
+    m = score_responses([fail + win, win, lie], [q] * 3)
+    assert m["pass_at_1"] == 2 / 3 and m["wrong_to_right"] == 1.0 and m["right_to_wrong"] == 0.0
