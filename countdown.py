@@ -2,10 +2,10 @@
 
     Use 3, 7 and 8, each once, with + - * to make 29.
 
-An attempt combines two of the numbers, then the result with the third; it is checked against the
-target, and a failed attempt is followed by another. Worked solutions (the pretraining corpus) are
-honest search traces: every value is computed, never copied from the question, failed attempts
-included:
+Three numbers are given. An attempt combines two of them, then the result with the third; it is
+checked against the target, and a failed attempt is followed by another. Worked solutions (the
+pretraining corpus) are honest search traces: every value is computed, never copied from the
+question, failed attempts included:
     8 * 3 = 24.
     24 + 7 = 31.
     31 vs 29: no.
@@ -30,7 +30,6 @@ from itertools import combinations_with_replacement, permutations
 
 @dataclass
 class CountdownConfig:
-    n_numbers: int = 3           # numbers given (an attempt is n_numbers - 1 operations)
     max_number: int = 13         # each in [1, max_number]: 5,481 problems in all
     ops: str = "+-*"
     max_target: int = 150        # targets in [1, max_target], reachable by construction
@@ -117,7 +116,7 @@ def make_problem(rng, cfg=None):
     """One problem: numbers drawn uniformly, the target the value of a random attempt in range."""
     cfg = cfg or CountdownConfig()
     while True:
-        numbers = [rng.randint(1, cfg.max_number) for _ in range(cfg.n_numbers)]
+        numbers = [rng.randint(1, cfg.max_number) for _ in range(3)]
         good = [t for t in attempts(numbers, cfg.ops) if 1 <= t[1][3] <= cfg.max_target]
         if good:
             target = rng.choice(good)[1][3]
@@ -148,7 +147,7 @@ def space(cfg):
     """Every problem of the task as (sorted numbers, target): each multiset of numbers with each
     target in range that an attempt reaches."""
     out = []
-    for nums in combinations_with_replacement(range(1, cfg.max_number + 1), cfg.n_numbers):
+    for nums in combinations_with_replacement(range(1, cfg.max_number + 1), 3):
         out += [(list(nums), t) for t in sorted({a[1][3] for a in attempts(nums, cfg.ops)}) if 1 <= t <= cfg.max_target]
     return out
 
