@@ -50,7 +50,7 @@ class Config:
     demos: str = ""               # JSONL of your own demonstrations for format tuning, in place of synthesized ones
     prompt: str = "satori"        # satori: Satori's ChatML prompt; chat_template: its words in the tokenizer's chat template
     task: str = "chain"           # the built-in task: chain (data.TaskConfig) or countdown (countdown.py)
-    countdown_max_failed: int = 4  # countdown: failed attempts a worked solution shows before the right one, 0..this
+    countdown_fail_rate: float = 0.6  # countdown: chance that each attempt of a worked solution fails (their number is geometric)
     countdown_traces: int = 5     # countdown: worked solutions per problem in the pretraining corpus, each its own search
     # the chain task (data.TaskConfig): a chain of arithmetic operations
     task_n_steps: int = 3
@@ -318,7 +318,7 @@ RANGES = {
             "grpo_group rlsp_max_steps rlt_questions rlt_warm_batch_tokens rlt_steps rlt_group rlt_max_new_tokens "
             "rlt_distill_questions rlt_student_steps distill_questions distill_group distill_batch_tokens rl2_steps "
             "rl2_group eval_max_new_tokens gen_batch eval_batch",
-    ">= 0": "seed n_test ckpt_every rl_ckpt_every ckpt_keep task_min_steps countdown_max_failed n_rl rae_max_back dapo_overlong_buffer "
+    ">= 0": "seed n_test ckpt_every rl_ckpt_every ckpt_keep task_min_steps n_rl rae_max_back dapo_overlong_buffer "
             "dapo_max_refills min_free_gb "
             "pretrain_weight_decay sft_weight_decay orm_margin ent_coef kl_coef reward_clip grpo_kl rlsp_coef "
             "expo_beta rlt_kl rlt_lambda rlt_alpha",
@@ -327,7 +327,7 @@ RANGES = {
            "rl2_temperature rlt_temperature clip clip_eps value_clip dapo_clip_high",
     "in [0, 1]": "warmup_frac min_lr_ratio rae_mix gamma lam",
     "in (0, 1]": "distill_keep",
-    "in [0, 1)": "betas",
+    "in [0, 1)": "betas countdown_fail_rate",
     "of any sign": "no_eos_penalty reflect_bonus expo_threshold rlt_missing_tags_reward",
 }
 _IN_RANGE = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0,

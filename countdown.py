@@ -33,7 +33,8 @@ class CountdownConfig:
     max_number: int = 13         # each in [1, max_number]: 5,481 problems in all
     ops: str = "+-*"
     max_target: int = 150        # targets in [1, max_target], reachable by construction
-    max_failed: int = 4          # a worked solution shows 0..max_failed failed attempts before the right one
+    fail_rate: float = 0.6       # a worked solution's attempts each fail with this chance, independently,
+    max_failed: int = 12         # up to this many: no position in a trace says "this one is right"
     test_fraction: float = 0.2   # share of the problems held out for testing, by hash: ~1,100
     split_salt: str = "nanosatori-countdown-v1"
 
@@ -175,13 +176,17 @@ def split(cfg=None, n_train=1000, n_test=100, seed=0):
 # worked solutions: honest search traces
 
 def search_trace(numbers, target, cfg, rng):
-    """(solution text, answer expression): 0..cfg.max_failed failed attempts, each checked against
-    the target, then a right one. Failed attempts are half drawn at random, half the ones whose
-    value comes closest to the target (a search a model can learn to order better)."""
+    """(solution text, answer expression): failed attempts, each checked against the target, then a
+    right one. Their number is geometric (each attempt fails with chance fail_rate), so a comparison's
+    verdict never follows from how many came before: with 0..4 failures drawn uniformly a model
+    learns that the fifth comparison says yes. Failed attempts are half drawn at random, half the
+    ones whose value comes closest to the target (a search a model can learn to order better)."""
     every = attempts(numbers, cfg.ops)
     right = [t for t in every if t[1][3] == target]
     wrong = [t for t in every if t[1][3] != target]
-    n_failed = min(rng.randint(0, cfg.max_failed), len(wrong))
+    n_failed = 0
+    while n_failed < min(cfg.max_failed, len(wrong)) and rng.random() < cfg.fail_rate:
+        n_failed += 1
     if rng.random() < 0.5:
         failed = rng.sample(wrong, n_failed)
     else:

@@ -396,7 +396,7 @@ def load_problems(cfg, need_solutions=False):
     # the splits fill train in stream order, so the first n_train are the same with or without n_rl
     try:
         if cfg.task == "countdown":
-            ccfg = countdown.CountdownConfig(max_failed=cfg.countdown_max_failed)
+            ccfg = countdown.CountdownConfig(fail_rate=cfg.countdown_fail_rate)
             problems, test = countdown.split(ccfg, cfg.n_train + cfg.n_rl, n_test(cfg), cfg.seed)
         else:
             problems, test = builtin_split(task_config(cfg), cfg.n_train + cfg.n_rl, n_test(cfg), cfg.seed)

@@ -191,7 +191,7 @@ def stage_pretrain(cfg, state):
     log(f"pretrain: {num_params(model) / 1e6:.2f}M parameters, vocab {tok.vocab_size}, {len(train)} problems")
     if cfg.task == "countdown":          # many searches per problem: the arithmetic, not the traces, is learnt
         train = countdown.with_traces(train, cfg.countdown_traces,
-                                      countdown.CountdownConfig(max_failed=cfg.countdown_max_failed), cfg.seed)
+                                      countdown.CountdownConfig(fail_rate=cfg.countdown_fail_rate), cfg.seed)
     examples = [(tok.encode_prompt(p["question"]), tok.encode(data.solution_text(p)) + [tok.eos_id]) for p in train]
     m = sft_train(model, examples, sft_config(cfg, "pretrain", max_steps=cfg.pretrain_steps), **loop_kw(cfg, state, "pretrain"))
     path = save_stage(cfg, state, "base", model, tok)

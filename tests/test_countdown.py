@@ -75,7 +75,17 @@ def test_problems_and_their_search_traces_are_honest():
             assert check == f"{w} vs {p['target']}: {'yes' if int(w) == p['target'] else 'no'}."
             assert (int(w) == p["target"]) == (k == len(attempts) - 1)     # the last attempt alone is right
         failed.append(len(attempts) - 1)
-    assert set(failed) == set(range(cfg.max_failed + 1))
+    assert set(range(4)) <= set(failed) and max(failed) <= cfg.max_failed
+
+
+def test_a_trace_s_length_does_not_give_its_verdict_away():
+    """Reaching the k-th comparison leaves the same chance that it says yes, for every k: a base
+    must compare to know, not count attempts."""
+    cfg, rng = C.CountdownConfig(), random.Random(0)
+    failed = [C.search_trace([3, 7, 8], 29, cfg, rng)[0].count(": no.") for _ in range(4000)]
+    for k in range(4):
+        reached = [f for f in failed if f >= k]
+        assert abs(sum(f == k for f in reached) / len(reached) - (1 - cfg.fail_rate)) < 0.07, k
 
 
 def test_split_is_by_hash_and_deterministic():
