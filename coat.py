@@ -321,8 +321,8 @@ def _typed(problem, t):
         return [(_TYPE_OF[tuple(t["refl"])], t["items"])]
     items = countdown.coat_items(t["items"], REFLECT, EXPLORE)
     typ = countdown.coat_type(items, REFLECT, EXPLORE)
-    if typ != "verify":
-        return [(typ, items)]
+    if typ != "verify" or not all(countdown.honest(s, problem) for m, s, _ in items if m != REFLECT):
+        return [(typ, items)]          # without its reflections a false line would go unanswered
     return [(typ, items), ("no_reflect", [(m, s, i) for m, s, i in items if m != REFLECT])]
 
 

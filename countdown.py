@@ -276,6 +276,7 @@ def check_answer(text, numbers, target):
 
 _OP = re.compile(r"(\d+) ([-+*]) (\d+) = (-?\d+)\.")
 _CHECK = re.compile(r"(-?\d+) vs (\d+): (yes|no)\.")
+_ANSWER = re.compile(r"The answer is \\boxed\{([^{}]*)\}\.")
 
 
 def _best_op(pool, target, ops="+-*"):
@@ -352,15 +353,18 @@ def verifier(problem, j, step):
 
 def honest(line, problem):
     """False for a line that states something false: an operation with a wrong result, a comparison
-    with the wrong target or verdict, an answer that does not make the target. Format tuning learns
-    the reflections on such lines, not them."""
+    with the wrong target or verdict, an answer that does not make the target, or a line that is
+    none of these (a sampled "29 vs 29: yes.0 + 3 = 4."). The critic's reflections ("Check: ...")
+    are true by construction. Format tuning learns the reflections on false lines, not them."""
     (numbers, target), line = numbers_target(problem), line.strip()
-    op, check, answer = _OP.fullmatch(line), _CHECK.fullmatch(line), _boxed(line)
+    op, check, answer = _OP.fullmatch(line), _CHECK.fullmatch(line), _ANSWER.fullmatch(line)
     if op:
         return apply(int(op[1]), op[2], int(op[3])) == int(op[4])
     if check:
         return line == check_line(int(check[1]), target) and int(check[2]) == target
-    return answer is None or check_answer(answer, numbers, target)
+    if answer:
+        return check_answer(answer[1], numbers, target)
+    return line.startswith("Check: ")
 
 
 # -----------------------------------------------------------------------------

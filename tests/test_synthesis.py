@@ -287,6 +287,8 @@ def test_countdown_synthesis_yields_each_type_and_masks_false_lines():
                              f"The answer is \\boxed{{{countdown.expression(t)}}}."]
                 else:
                     lines = honest_from(p, lines)
+                if p is problems[0]:                         # a garbled line, as sampling makes them
+                    lines[2] += "0 + 3 = 4."
             outs.append(ctok.encode(("\n" if done else "") + "\n".join(lines)))
         return outs
 
@@ -300,8 +302,10 @@ def test_countdown_synthesis_yields_each_type_and_masks_false_lines():
         for (m0, s0), (m1, s1) in zip(steps, steps[1:]):       # every comparison is a reflection ...
             assert (m1 == "<|reflect|>") == (s1.strip().endswith(("yes.", "no.", "It is right.")) or s1.startswith("Check"))
             assert (m1 == "<|explore|>") == (s0.strip().endswith(": no.") or (m0 == "<|reflect|>" and "not" in s0))
-        if r["type"] == "no_reflect":
-            assert "<|reflect|>" not in text
         _, ids, keep = demo_example(ctok, r)                    # ... and a false line is context
         false = [l for m, s in steps for l in s.split("\n") if l.strip() and not countdown.honest(l, r)]
+        if r["type"] == "no_reflect":                           # with no reflection to answer it
+            lines = [l for m, s in steps for l in s.split("\n") if l.strip()]
+            assert "<|reflect|>" not in text and not false, text
+            assert all(re.fullmatch(r"\d+ [-+*] \d+ = -?\d+\.|-?\d+ vs \d+: (yes|no)\.|The answer is .*", l) for l in lines), text
         assert (all(keep) if not false else not all(keep)), (text, false)
