@@ -49,7 +49,7 @@ class Config:
     test_data: str = ""           # JSONL of held-out questions; "" = the last n_test of `data`
     demos: str = ""               # JSONL of your own demonstrations for format tuning, in place of synthesized ones
     prompt: str = "satori"        # satori: Satori's ChatML prompt; chat_template: its words in the tokenizer's chat template
-    task: str = "chain"           # the built-in task: chain (data.TaskConfig) or countdown (countdown.py)
+    task: str = "chain"           # the built-in task: chain (data.TaskConfig) or countdown (countdown.py; TASK_DEFAULTS)
     countdown_fail_rate: float = 0.6  # countdown: chance that each attempt of a worked solution fails (their number is geometric)
     countdown_traces: int = 5     # countdown: worked solutions per problem in the pretraining corpus, each its own search
     # the chain task (data.TaskConfig): a chain of arithmetic operations
@@ -179,6 +179,12 @@ class Config:
 # options that were renamed: the old name gets a pointer instead of "unknown option"
 RENAMED = {"rl_samples": "rl_group", "rl2_samples": "rl2_group", "group_size": "grpo_group",
            "rae_samples": "rae_group", "distill_samples": "distill_group", "synth_samples": "synth_group"}
+# --task=countdown's own defaults; an option given on the command line or in --config still wins.
+# Its searches are longer than a chain (budgets), its arithmetic needs whole-number tokens and a
+# deeper base, and with the ORM term in the reward RL learnt to call failed attempts right.
+TASK_DEFAULTS = {"countdown": dict(whole_numbers=True, vocab_size=1024, num_hidden_layers=4, pretrain_steps=8000,
+                                   synth_max_new_tokens=192, rl_max_new_tokens=256, eval_max_new_tokens=256,
+                                   no_eos_penalty=0.0, orm_reward=False)}
 # options that say how to run, not what to compute: a resumed run may change them
 NOT_SIGNATURE = ("stages", "resume", "device", "overwrite", "config", "debug", "out", "min_free_gb", "ckpt_every",
                  "rl_ckpt_every", "ckpt_keep", "log_every", "cuda_graphs", "tensorboard", "act_ckpt")
@@ -279,12 +285,17 @@ def parse_args(argv, cfg=None):
             i, val = i + 1, argv[i + 1]
         pairs.append((key, val))
         i += 1
+    given = {key for key, _ in pairs}
     for key, val in pairs:
         if key == "config":
             for k, v in _from_file(val, types).items():
                 setattr(cfg, k, v)
+                given.add(k)
     for key, val in pairs:
         setattr(cfg, key, _convert(val, types[key], key))
+    for key, val in TASK_DEFAULTS.get(cfg.task, {}).items():
+        if key not in given:
+            setattr(cfg, key, val)
     return cfg
 
 

@@ -38,6 +38,17 @@ def test_both_forms_bare_flags_and_no_flags():
             parse_args(argv)
 
 
+def test_a_task_brings_its_defaults_and_a_given_option_wins(tmp_path):
+    cd = parse_args(["--task=countdown"])
+    assert cd.whole_numbers and cd.rl_max_new_tokens == 256 and not cd.orm_reward
+    assert not parse_args(["--task=chain"]).whole_numbers and parse_args([]).rl_max_new_tokens == 128
+    assert parse_args(["--task=countdown", "--rl_max_new_tokens=100", "--orm_reward"]).rl_max_new_tokens == 100
+    assert parse_args(["--orm_reward", "--task", "countdown"]).orm_reward
+    (tmp_path / "a.json").write_text('{"task": "countdown", "eval_max_new_tokens": 300}')
+    cd = parse_args([f"--config={tmp_path / 'a.json'}"])
+    assert cd.eval_max_new_tokens == 300 and cd.whole_numbers
+
+
 def test_help_lists_every_option_grouped_with_defaults(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--seed=1", "-h"])
