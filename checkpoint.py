@@ -201,7 +201,7 @@ def save(root, name, models, optimizers, meta, keep=2, generators=None):
             for k, o in optimizers.items():
                 tensors, optim[k] = _split_optim(o)
                 _write_tensors(tensors, os.path.join(tmp, f"optim-{k}.safetensors"))
-        if sharded:
+        else:
             fsync_tree(os.path.join(tmp, SHARDS))
         _write_json({"meta": meta, "world_size": parallel.world(), "optimizers": optim, "sharded": sharded,
                      "saved_ns": time.time_ns()}, os.path.join(tmp, META))   # last: marks it complete

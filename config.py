@@ -41,7 +41,7 @@ class Config:
     tensorboard: bool = False     # also write metrics as TensorBoard scalars to out/tensorboard (needs the tensorboard package)
     dtype: str = "auto"           # compute of every training forward (fp32 master weights): auto = bfloat16 on CUDA, float32 on CPU
     tf32: bool = True             # on CUDA, fp32 matmuls (model and kernels) on TF32 tensor cores: ~8x faster, 10-bit mantissa
-    shard: str = "fsdp"           # under torchrun: fsdp = FSDP2 shards of the SFT-like stages' models; none = a full copy per process
+    shard: str = "fsdp"           # under torchrun: fsdp = FSDP2 shards of every stage's models; none = a full copy per process
     act_ckpt: bool = False        # training forwards keep each block's input only, recomputing the rest in backward: ~1/3 more compute
     # a user's model and data instead of the built-in ones
     model: str = ""               # HF Qwen2 directory used as the base model (skips pretraining)

@@ -289,11 +289,6 @@ def _best_op(pool, target, ops="+-*"):
                 if not (op == "-" and x < y)), key=lambda s: abs(s[3] - target))
 
 
-def _boxed(line):
-    m = re.search(r"\\boxed\{([^{}]*)\}", line)
-    return None if m is None else m.group(1)
-
-
 def critic(problem, steps):
     """None when the lines are an honest search ending in a right answer; else (k, reflection, hint)
     as coat.py's critics give them: line k is the first that is not honest (an operation on numbers
@@ -333,8 +328,8 @@ def critic(problem, steps):
             if ops[1][3] != target:
                 pool, ops = list(numbers), []          # a failed attempt: the next one starts afresh
                 continue
-            ans = _boxed(steps[k + 1]) if k + 1 < len(steps) else None
-            if ans is not None and check_answer(ans, numbers, target) and k + 2 == len(steps):
+            ans = _ANSWER.fullmatch(steps[k + 1].strip()) if k + 1 < len(steps) else None
+            if ans and check_answer(ans[1], numbers, target) and k + 2 == len(steps):
                 return None
             return k + 1, f"Check: {target} was made, so the answer is that attempt.", answer()
         else:

@@ -32,6 +32,7 @@ def reflect_start_state(text, problem):
          before the reflection is correct (data.check_steps): a reflection that interrupts a
          correct partial chain starts from "right", one that follows a wrong step from "wrong".
          (The last "= N" alone would call every mid-chain verification "wrong", which it is not.)
+         On countdown: did the first attempt make the target honestly (countdown.right_before)?
       3. Otherwise (a user's problem, no answer yet): None, excluded from the counts."""
     i = text.find(REFLECT)
     if i < 0:
@@ -40,14 +41,11 @@ def reflect_start_state(text, problem):
     ans = reward.extract_answer(before)
     if ans is not None:
         return reward.is_right(ans, problem)
-    if countdown.is_countdown(problem):            # a comparison is the first reflection: did the attempt make it?
-        for t in COAT_TOKENS:
-            before = before.replace(t, "\n")
-        lines = [l.strip() for l in before.split("\n") if l.strip()]
-        return countdown.right_before(lines, problem) if lines else None
+    for t in COAT_TOKENS:
+        before = before.replace(t, "\n")
+    if countdown.is_countdown(problem):
+        return countdown.right_before([l.strip() for l in before.split("\n") if l.strip()], problem)
     if data.task_chain(problem) is not None:
-        for t in COAT_TOKENS:
-            before = before.replace(t, "\n")
         steps = data.solution_steps(before)
         if not steps:
             return None

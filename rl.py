@@ -313,12 +313,13 @@ def _sampler(cfg, policy, tok, problems, pool, group):
         return gathered
     gen_model = policy if dtype is None else copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
     sampler = Sampler(gen_model, **kw)
+    if gen_model is policy:                   # the sampler reads the policy's own weights
+        return lambda: sampler
 
     def kept():
         with torch.no_grad():
             for q, p in zip(gen_model.parameters(), policy.parameters()):
-                if q is not p:
-                    q.copy_(p)
+                q.copy_(p)
         return sampler
     return kept
 

@@ -138,10 +138,10 @@ class Sampler:
         self.max_batch, self.block_size = max_batch, block_size
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 2048)
         self.width = -(-self.max_seq_len // block_size)                   # blocks per sequence at most
-        self.num_blocks = min(num_blocks or max_batch * self.width, max_batch * self.width)   # more are never used
+        self.num_blocks = min(max_batch * self.width if num_blocks is None else num_blocks, max_batch * self.width)   # more are never used
         if self.num_blocks < self.width:
             raise ValueError(f"KV cache of {self.num_blocks} blocks of {block_size} tokens: one sequence of "
-                             f"{self.max_seq_len} tokens needs {self.width}; free memory, or use shorter sequences")
+                             f"{self.max_seq_len} tokens needs {self.width}; free GPU memory, or lower --rl_max_new_tokens")
         p = next(model.parameters())
         self.device = dev = p.device
         dense = dev.type == "cpu" if dense is None else dense
@@ -459,7 +459,9 @@ def blocks_that_fit(model, block_size=16, share=0.6):
         return None
     c = model.cfg
     per_block = 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * p.element_size()
-    return int(torch.cuda.mem_get_info(p.device)[0] * share) // per_block
+    # what the caching allocator holds but no tensor uses (the last update's) is free for the cache too
+    free = torch.cuda.mem_get_info(p.device)[0] + torch.cuda.memory_reserved(p.device) - torch.cuda.memory_allocated(p.device)
+    return int(free * share) // per_block
 
 
 def sampler_for(model, prompts, max_new_tokens, max_batch):
