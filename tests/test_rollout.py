@@ -80,6 +80,9 @@ def test_continuous_batching_with_few_blocks_matches_one_at_a_time(models, dense
     outs = small.generate(prompts, 10, temperature=0)
     assert [o.tokens for o in outs] == alone
     assert sorted(small.free) == list(range(12)) and all(r == 0 for r in small.refs)   # all blocks returned
+    for few in (0, 7):                     # no room for one sequence (0: a GPU with no free memory)
+        with pytest.raises(ValueError, match="needs 8"):
+            Sampler(ours, max_batch=2, block_size=8, max_seq_len=64, num_blocks=few)
 
 
 def test_stop_ids_max_new_tokens_and_seeds(models, dense):
