@@ -51,6 +51,7 @@ class Config:
     prompt: str = "satori"        # satori: Satori's ChatML prompt; chat_template: its words in the tokenizer's chat template
     task: str = "chain"           # the built-in task: chain (data.TaskConfig) or countdown (countdown.py; TASK_DEFAULTS)
     countdown_fail_rate: float = 0.6  # countdown: chance that each attempt of a worked solution fails (their number is geometric)
+    countdown_order: str = "cycle"  # countdown: a worked solution's attempts in a fixed order from a random start, or "random"
     countdown_traces: int = 5     # countdown: worked solutions per problem in the pretraining corpus, each its own search
     # the chain task (data.TaskConfig): a chain of arithmetic operations
     task_n_steps: int = 3
@@ -62,6 +63,7 @@ class Config:
     task_max_value: int = 99
     n_train: int = 20000          # problems with solutions: pretraining, COAT synthesis, format tuning
     n_test: int = 0               # held-out problems; 0 = 1000 on the built-in task, a tenth of --data (<= 1000), all of --test_data
+    heldout: str = "test"         # countdown: the held-out problems eval scores: test, or dev (for choosing a recipe)
     n_rl: int = 30000             # further questions, answers only, for ORM/RAE, RL, distillation; 0: the n_train
     # the built-in base model (a small Qwen2): the shipped one, or pretrained by stage pretrain
     base: str = "assets/base"     # shipped base, used when made with this run's options; --base= pretrains one
@@ -345,7 +347,7 @@ _IN_RANGE = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v
              "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1,
              "in [0, 1)": lambda v: 0 <= v < 1, "of any sign": lambda v: True}
 CHOICES = {"task": ("chain", "countdown"), "algo": ALGOS, "sampler_dtype": ("auto", "float32", "bfloat16"), "dtype": ("auto", "float32", "bfloat16"),
-           "shard": ("fsdp", "none"),
+           "shard": ("fsdp", "none"), "countdown_order": ("cycle", "random"), "heldout": ("test", "dev"),
            "rlsp_schedule": ("constant", "linear_decay"), "prompt": PROMPT_STYLES}
 
 
@@ -383,6 +385,8 @@ def _check_task_and_model(cfg):
         raise SystemExit(f"--device={cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise SystemExit("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+    if cfg.heldout == "dev" and (cfg.task != "countdown" or cfg.data):
+        raise SystemExit("--heldout=dev: only the built-in countdown task (--task=countdown, no --data) has a dev split")
     if cfg.resume and cfg.overwrite:
         raise SystemExit("--resume and --overwrite: expected one of them (go on with a run, or start it over)")
 

@@ -25,7 +25,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
-from itertools import combinations_with_replacement, permutations
+from itertools import combinations_with_replacement
 
 
 @dataclass
@@ -35,7 +35,9 @@ class CountdownConfig:
     max_target: int = 150        # targets in [1, max_target], reachable by construction
     fail_rate: float = 0.6       # a worked solution's attempts each fail with this chance, independently,
     max_failed: int = 12         # up to this many: no position in a trace says "this one is right"
+    order: str = "cycle"         # the failed attempts of a trace: "cycle" (attempts()' order) or "random"
     test_fraction: float = 0.2   # share of the problems held out for testing, by hash: ~1,100
+    dev_fraction: float = 0.1    # and for choosing recipes (never trained on either): ~550
     split_salt: str = "nanosatori-countdown-v1"
 
 
@@ -47,22 +49,27 @@ def apply(a, op, b):
 # attempts: ((a, op, b, v), (left, op, right, w), v is left) for three numbers, all enumerated
 
 def attempts(numbers, ops="+-*"):
-    """Every attempt on three numbers: two of them combined, then the result with the third (on
-    either side), values never negative -> [(step1, step2, inner_left)], each step (left, op, right,
-    value); inner_left: the first step's value is step 2's left operand."""
-    out = []
-    for i, j, k in permutations(range(3)):
-        a, b, c = numbers[i], numbers[j], numbers[k]
+    """Every attempt on three numbers, each once, in a fixed order: the pairs in the question's order,
+    then the first operation, then the second (values never negative; a - b is the larger minus the
+    smaller) -> [(step1, step2, inner_left)], each step (left, op, right, value); inner_left: the
+    first step's value is step 2's left operand. A search trace walks this order (search_trace)."""
+    out, seen = [], set()
+    for i, j, k in ((0, 1, 2), (0, 2, 1), (1, 2, 0)):
         for op1 in ops:
-            if (op1 in "+*" and i > j) or (op1 == "-" and a < b):
-                continue                                  # a + b and b + a are one attempt
+            a, b, c = numbers[i], numbers[j], numbers[k]
+            if op1 == "-" and a < b:
+                a, b = b, a
             v = apply(a, op1, b)
             for op2 in ops:
                 for inner_left in (True, False):
                     left, right = (v, c) if inner_left else (c, v)
                     if (op2 in "+*" and not inner_left) or (op2 == "-" and left < right):
                         continue
-                    out.append(((a, op1, b, v), (left, op2, right, apply(left, op2, right)), inner_left))
+                    t = ((a, op1, b, v), (left, op2, right, apply(left, op2, right)), inner_left)
+                    lines = (step_line(t[0]), step_line(t[1]))
+                    if lines not in seen:          # a number given twice (or v - c with v = c) makes twins
+                        seen.add(lines)
+                        out.append(t)
     return out
 
 
@@ -137,11 +144,14 @@ def problem_key(problem):
     return ",".join(map(str, sorted(problem["numbers"]))) + f"={problem['target']}"
 
 
-def is_test(problem, cfg=None):
-    """Fixed partition of the problem space by a hash of (sorted numbers, target): no seed changes it."""
+def side(problem, cfg=None):
+    """"test", "dev" or "train": a fixed partition of the problem space by a hash of (sorted numbers,
+    target); no seed changes it. Dev problems are never trained on either: recipes are chosen on
+    them (--heldout=dev), so the test problems stay unseen until a recipe is fixed."""
     cfg = cfg or CountdownConfig()
     h = hashlib.sha256(f"{cfg.split_salt}|{problem_key(problem)}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2 ** 64 < cfg.test_fraction
+    u = int.from_bytes(h[:8], "big") / 2 ** 64
+    return "test" if u < cfg.test_fraction else "dev" if u < cfg.test_fraction + cfg.dev_fraction else "train"
 
 
 def space(cfg):
@@ -153,19 +163,20 @@ def space(cfg):
     return out
 
 
-def split(cfg=None, n_train=1000, n_test=100, seed=0):
-    """(train, test): up to n_train and n_test problems from each side of the fixed partition (all of
-    a side when it holds fewer), in an order and with number orders drawn from the seed."""
+def split(cfg=None, n_train=1000, n_test=100, seed=0, heldout="test"):
+    """(train, held-out): up to n_train problems of the train side and n_test of the `heldout` side
+    ("test" or "dev") of the fixed partition (all of a side when it holds fewer), in an order and with
+    number orders drawn from the seed."""
     cfg = cfg or CountdownConfig()
     rng = random.Random(seed)
-    sides = {True: [], False: []}
+    sides = {"train": [], "dev": [], "test": []}
     for nums, target in space(cfg):
-        sides[is_test({"numbers": nums, "target": target}, cfg)].append((nums, target))
+        sides[side({"numbers": nums, "target": target}, cfg)].append((nums, target))
     out = []
-    for side, n in ((False, n_train), (True, n_test)):
-        rng.shuffle(sides[side])
+    for name, n in (("train", n_train), (heldout, n_test)):
+        rng.shuffle(sides[name])
         problems = []
-        for nums, target in sides[side][:n]:
+        for nums, target in sides[name][:n]:
             nums = rng.sample(nums, len(nums))             # the order the question gives them in
             problems.append(problem_from(nums, target, cfg, random.Random(rng.random())))
         out.append(problems)
@@ -179,22 +190,37 @@ def search_trace(numbers, target, cfg, rng):
     """(solution text, answer expression): failed attempts, each checked against the target, then a
     right one. Their number is geometric (each attempt fails with chance fail_rate), so a comparison's
     verdict never follows from how many came before: with 0..4 failures drawn uniformly a model
-    learns that the fifth comparison says yes. Failed attempts are half drawn at random, half the
-    ones whose value comes closest to the target (a search a model can learn to order better)."""
+    learns that the fifth comparison says yes.
+    order "cycle": the attempts follow attempts()' order from a random start, wrapping round, so the
+    next attempt is a function of the last one and a greedy decoder has a next attempt to take other
+    than the one it just wrote. order "random": failed attempts half drawn at random, half the ones
+    closest to the target; each next attempt is a near-even choice, which a greedy decoder breaks by
+    copying the last attempt, and so loops."""
     every = attempts(numbers, cfg.ops)
     right = [t for t in every if t[1][3] == target]
     wrong = [t for t in every if t[1][3] != target]
     n_failed = 0
     while n_failed < min(cfg.max_failed, len(wrong)) and rng.random() < cfg.fail_rate:
         n_failed += 1
-    if rng.random() < 0.5:
-        failed = rng.sample(wrong, n_failed)
+    if cfg.order == "cycle":
+        hits = [i for i, t in enumerate(every) if t[1][3] == target]
+        gaps = {i: (i - h) % len(every) - 1 for i, h in zip(hits, hits[-1:] + hits[:-1])}   # misses before hit i
+        if len(hits) == 1:
+            gaps[hits[0]] = len(every) - 1
+        n_failed = min(n_failed, max(gaps.values()))        # many right attempts leave short runs of wrong ones
+        end = rng.choice([i for i in hits if gaps[i] >= n_failed])
+        failed = [every[(end - n_failed + m) % len(every)] for m in range(n_failed)]
+        last = every[end]
     else:
-        failed = sorted(wrong, key=lambda t: (abs(t[1][3] - target), rng.random()))[:n_failed][::-1]
+        if rng.random() < 0.5:
+            failed = rng.sample(wrong, n_failed)
+        else:
+            failed = sorted(wrong, key=lambda t: (abs(t[1][3] - target), rng.random()))[:n_failed][::-1]
+        last = rng.choice(right)
     lines = []
-    for t in failed + [rng.choice(right)]:
+    for t in failed + [last]:
         lines += [step_line(t[0]), step_line(t[1]), check_line(t[1][3], target)]
-    answer = expression(t)
+    answer = expression(last)
     return "\n".join(lines + [f"The answer is \\boxed{{{answer}}}."]), answer
 
 

@@ -359,6 +359,11 @@ def task_config(cfg):
     """The TaskConfig of a run's --task_* options."""
     return TaskConfig(**{f.name[5:]: getattr(cfg, f.name) for f in fields(cfg) if f.name.startswith("task_")})
 
+def countdown_config(cfg):
+    """The CountdownConfig of a run's --countdown_* options."""
+    return countdown.CountdownConfig(fail_rate=cfg.countdown_fail_rate, order=cfg.countdown_order)
+
+
 def n_test(cfg, n_data=None):
     """Held-out problems of a run: --n_test, or with --n_test=0 (the default) 1,000 for the built-in
     task, all of --test_data, or a tenth of --data (1 to 1,000) when --data also gives the test set."""
@@ -396,8 +401,8 @@ def load_problems(cfg, need_solutions=False):
     # the splits fill train in stream order, so the first n_train are the same with or without n_rl
     try:
         if cfg.task == "countdown":
-            ccfg = countdown.CountdownConfig(fail_rate=cfg.countdown_fail_rate)
-            problems, test = countdown.split(ccfg, cfg.n_train + cfg.n_rl, n_test(cfg), cfg.seed)
+            problems, test = countdown.split(countdown_config(cfg), cfg.n_train + cfg.n_rl, n_test(cfg), cfg.seed,
+                                             cfg.heldout)
         else:
             problems, test = builtin_split(task_config(cfg), cfg.n_train + cfg.n_rl, n_test(cfg), cfg.seed)
     except ValueError as e:                  # the --task_* options admit too few problems

@@ -157,7 +157,8 @@ def sft_config(cfg, prefix, **kw):
 def shipped_base(cfg):
     """The directory of the shipped base model if it was pretrained with this run's task, model and
     pretraining options (its nanosatori.json), else None. Neither the seed (it varies the stages
-    after the base) nor n_test (held-out problems are drawn beside the same training ones) matter."""
+    after the base) nor n_test and heldout (held-out problems are drawn beside the same training
+    ones) matter."""
     path = base_path(cfg)
     meta = os.path.join(path, "nanosatori.json")
     if not cfg.base or cfg.data or not os.path.isfile(meta):    # a user's data needs its own base
@@ -165,7 +166,7 @@ def shipped_base(cfg):
     with open(meta) as f:
         made = json.load(f)["options"]
     mine = asdict(cfg)
-    return path if all(json.dumps(v) == json.dumps(mine[k]) for k, v in made.items() if k not in ("seed", "n_test")) else None
+    return path if all(json.dumps(v) == json.dumps(mine[k]) for k, v in made.items() if k not in ("seed", "n_test", "heldout")) else None
 
 
 def stage_pretrain(cfg, state):
@@ -190,8 +191,7 @@ def stage_pretrain(cfg, state):
     model = Transformer(mcfg).to(get_device(cfg))
     log(f"pretrain: {num_params(model) / 1e6:.2f}M parameters, vocab {tok.vocab_size}, {len(train)} problems")
     if cfg.task == "countdown":          # many searches per problem: the arithmetic, not the traces, is learnt
-        train = countdown.with_traces(train, cfg.countdown_traces,
-                                      countdown.CountdownConfig(fail_rate=cfg.countdown_fail_rate), cfg.seed)
+        train = countdown.with_traces(train, cfg.countdown_traces, data.countdown_config(cfg), cfg.seed)
     examples = [(tok.encode_prompt(p["question"]), tok.encode(data.solution_text(p)) + [tok.eos_id]) for p in train]
     m = sft_train(model, examples, sft_config(cfg, "pretrain", max_steps=cfg.pretrain_steps), **loop_kw(cfg, state, "pretrain"))
     path = save_stage(cfg, state, "base", model, tok)
@@ -540,7 +540,7 @@ def main(argv):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     state = {"log": log, "train": train, "test": test, "rl": rl_questions, "demos": demos}
     log(f"nanosatori: stages {','.join(names)}, {len(train)} train" +
-        (f" + {len(rl_questions)} RL" if rl_questions is not train else "") + f" / {len(test)} test problems, "
+        (f" + {len(rl_questions)} RL" if rl_questions is not train else "") + f" / {len(test)} {cfg.heldout} problems, "
         f"device {get_device(cfg)}, {world} process{'es' * (world > 1)}, out {cfg.out}")
     for name in names:
         if name in done:

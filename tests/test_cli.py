@@ -128,6 +128,8 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
         (["--algo=grpo", "--grpo_group=1", "--rl_batch=64"], "--grpo_group=1: expected >= 2"),
         (["--device=tpu"], "--device=tpu: expected cpu, cuda"),
         (["--resume", "--overwrite"], "--resume and --overwrite"),
+        (["--heldout=dev"], "--heldout=dev: only the built-in countdown task"),
+        (["--task=countdown", "--countdown_order=best"], "--countdown_order=best: expected one of cycle, random"),
         (["--stages=pretrain,bogus"], "--stages: unknown stage 'bogus'"),
         (["--rl_step=3"], "did you mean --rl_steps?"),
         ([f"--data={tmp_path / 'nope.jsonl'}"], "nope.jsonl: no such file"),

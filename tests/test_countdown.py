@@ -88,10 +88,37 @@ def test_a_trace_s_length_does_not_give_its_verdict_away():
         assert abs(sum(f == k for f in reached) / len(reached) - (1 - cfg.fail_rate)) < 0.07, k
 
 
+def test_a_trace_walks_the_fixed_order_and_never_repeats_an_attempt():
+    """order "cycle": each attempt is the one after the last in attempts()' order (wrapping round),
+    so the next attempt follows from the last; order "random" draws them without that order."""
+    rng = random.Random(3)
+    follows = {"cycle": [], "random": []}
+    for order in follows:
+        cfg = C.CountdownConfig(order=order)
+        for _ in range(300):
+            p = C.make_problem(rng, cfg)
+            every = [C.expression(t) for t in C.attempts(p["numbers"])]
+            assert len(set(every)) == len(every)
+            lines = p["solution"].split("\n")[:-1]
+            tried = []
+            for s1, s2, _ in (lines[i:i + 3] for i in range(0, len(lines), 3)):
+                a, op, b, v = s1.rstrip(".").replace("=", " ").split()
+                x, op2, y, _ = s2.rstrip(".").replace("=", " ").split()
+                inner = f"({a} {op} {b})"
+                tried.append(f"{inner} {op2} {y}" if x == v else f"{x} {op2} {inner}")
+            assert len(set(tried)) == len(tried) and set(tried) <= set(every)
+            at = [every.index(e) for e in tried]
+            follows[order] += [(j - i) % len(every) == 1 for i, j in zip(at, at[1:])]
+    assert follows["cycle"] and all(follows["cycle"])
+    assert sum(follows["random"]) < 0.2 * len(follows["random"])
+
+
 def test_split_is_by_hash_and_deterministic():
     train, test = C.split(n_train=300, n_test=60, seed=0)
     assert not {C.problem_key(p) for p in train} & {C.problem_key(p) for p in test}
-    assert all(C.is_test(p) for p in test) and not any(C.is_test(p) for p in train)
+    assert all(C.side(p) == "test" for p in test) and all(C.side(p) == "train" for p in train)
+    dev_train, dev = C.split(n_train=300, n_test=60, seed=0, heldout="dev")
+    assert all(C.side(p) == "dev" for p in dev) and [p["question"] for p in dev_train] == [p["question"] for p in train]
     again, _ = C.split(n_train=300, n_test=60, seed=0)
     assert [p["question"] for p in again] == [p["question"] for p in train]
     other, other_test = C.split(n_train=300, n_test=60, seed=1)
