@@ -191,11 +191,12 @@ def test_tiny_countdown_pipeline(tmp_path):
     train.main([f"--out={out}", "--task=countdown", "--base=", f"--demos={tmp_path / 'demos.jsonl'}",
                 "--stages=pretrain,synthesize,sft,orm,rl,eval", "--whole_numbers", "--rae_questions=4",
                 "--rae_group=2", "--rl_batch=4", "--minibatch_size=2", "--micro_batch=1", "--rl_max_new_tokens=8",
-                "--rl_steps=2"] + TINY)
+                "--rl_steps=2", "--heldout=dev"] + TINY)
     res = json.load(open(os.path.join(out, "results.json")))
     assert [r["name"] for r in res["stages"]] == ["base", "format_tuned", "rl_round1"] and res["stages"][0]["n"] == 4
     rows = [json.loads(l) for l in open(os.path.join(out, "responses.jsonl"))]
-    assert all(C.parse_question(r["question"]) for r in rows)
+    held = [C.parse_question(r["question"]) for r in rows]
+    assert all(C.side({"numbers": nums, "target": t}) == "dev" for nums, t in held)     # scored on dev
 
 
 def test_self_correction_starts_from_the_first_attempt():
