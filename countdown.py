@@ -204,9 +204,7 @@ def search_trace(numbers, target, cfg, rng):
         n_failed += 1
     if cfg.order == "cycle":
         hits = [i for i, t in enumerate(every) if t[1][3] == target]
-        gaps = {i: (i - h) % len(every) - 1 for i, h in zip(hits, hits[-1:] + hits[:-1])}   # misses before hit i
-        if len(hits) == 1:
-            gaps[hits[0]] = len(every) - 1
+        gaps = {i: (i - h - 1) % len(every) for i, h in zip(hits, hits[-1:] + hits[:-1])}   # misses since the hit before
         n_failed = min(n_failed, max(gaps.values()))        # many right attempts leave short runs of wrong ones
         end = rng.choice([i for i in hits if gaps[i] >= n_failed])
         failed = [every[(end - n_failed + m) % len(every)] for m in range(n_failed)]
