@@ -182,12 +182,12 @@ class Config:
 RENAMED = {"rl_samples": "rl_group", "rl2_samples": "rl2_group", "group_size": "grpo_group",
            "rae_samples": "rae_group", "distill_samples": "distill_group", "synth_samples": "synth_group"}
 # --task=countdown's own defaults; an option given on the command line or in --config still wins.
-# Its searches are longer than a chain (budgets), its arithmetic needs whole-number tokens and a
-# deeper base, its RL still gains between 160 and 320 steps, and with the ORM term in the reward
-# RL learnt to call failed attempts right.
-TASK_DEFAULTS = {"countdown": dict(whole_numbers=True, vocab_size=1024, num_hidden_layers=4, pretrain_steps=8000,
-                                   synth_max_new_tokens=192, rl_max_new_tokens=256, eval_max_new_tokens=256, rl_steps=320,
-                                   no_eos_penalty=0.0, orm_reward=False)}
+# It has its own shipped base; its searches are longer than a chain (budgets), its arithmetic needs
+# whole-number tokens and a deeper base, its RL still gains between 160 and 320 steps, and with the
+# ORM term in the reward RL learnt to call failed attempts right.
+TASK_DEFAULTS = {"countdown": dict(base="assets/countdown", whole_numbers=True, vocab_size=1024, num_hidden_layers=4,
+                                   pretrain_steps=8000, synth_max_new_tokens=192, rl_max_new_tokens=256,
+                                   eval_max_new_tokens=256, rl_steps=320, no_eos_penalty=0.0, orm_reward=False)}
 # options that say how to run, not what to compute: a resumed run may change them
 NOT_SIGNATURE = ("stages", "resume", "device", "overwrite", "config", "debug", "out", "min_free_gb", "ckpt_every",
                  "rl_ckpt_every", "ckpt_keep", "log_every", "cuda_graphs", "tensorboard", "act_ckpt")

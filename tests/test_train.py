@@ -182,6 +182,11 @@ def test_shipped_base_only_for_its_own_options(tmp_path):
     assert train.shipped_base(Config(task_max_value=50)) is None
     assert train.shipped_base(Config(hidden_size=64)) is None and train.shipped_base(Config(base="")) is None
     assert train.shipped_base(Config(task="countdown")) is None and train.shipped_base(Config(whole_numbers=True)) is None
+    # --task=countdown brings its own shipped base (TASK_DEFAULTS), also matched by its options
+    countdown = train.shipped_base(parse_args(["--task=countdown", "--seed=3"]))
+    assert countdown is not None and countdown != train.shipped_base(Config())
+    assert train.shipped_base(parse_args(["--task=countdown", "--countdown_traces=4"])) is None
+    assert train.shipped_base(parse_args(["--task=countdown", "--countdown_order=random"])) is None
     train.main([f"--out={tmp_path}", "--stages=pretrain"])
     from safetensors.torch import load_file
     shipped = load_file(os.path.join(train.shipped_base(Config()), "model.safetensors"))
