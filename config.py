@@ -460,7 +460,7 @@ def _check_device(cfg):
 
 
 def base_path(cfg):
-    """The directory --base names; a relative one is inside the repository (the shipped assets/base)."""
+    """The directory --base names; a relative one is inside the repository (assets/base, assets/countdown)."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), cfg.base)
 
 
