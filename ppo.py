@@ -401,6 +401,9 @@ def _accumulate(policy, critic, r, mb_idx, cfg, temperature, micro_batch_size):
     step's metrics (summed over the ranks by the caller)."""
     totals = _minibatch_totals(r.mask[mb_idx])
     step = {}
+    # rows of like length share a micro-batch, which is cut to its longest row: less padding, and
+    # the same gradient, since every micro-batch's loss is weighted by the whole minibatch's totals
+    mb_idx = mb_idx[torch.argsort(r.prompt_lens[mb_idx] + r.resp_lens[mb_idx], stable=True)]
     for idx in mb_idx.split(micro_batch_size):
         m = r.select(idx)
         w = _weight(m.mask, totals, cfg.loss_agg)         # weight of this micro-batch's loss

@@ -57,6 +57,23 @@ def test_micro_batch_accumulation_equals_one_batch():
         assert abs(i1["policy_loss"] - i3["policy_loss"]) < 1e-6 and abs(i1["clipfrac"] - i3["clipfrac"]) < 1e-6
 
 
+def test_micro_batches_group_rows_of_like_length():
+    """Each micro-batch is cut to its longest row, so the update groups rows by length: the forwards
+    see the sorted lengths in consecutive chunks, the least padding a split can have."""
+    torch.manual_seed(0)
+    m = Transformer(CFG)
+    r, prompts, resp = rollouts(seed=1, B=8)
+    with torch.no_grad():
+        r.old_logp = ppo.response_logprobs(m, r)
+    r.advantages = torch.randn_like(r.mask) * r.mask
+    widths, hidden = [], m.hidden
+    m.hidden = lambda ids: widths.append(ids.shape[1]) or hidden(ids)
+    ppo.ppo_update(m, torch.optim.SGD(m.parameters(), lr=0.0), r, ppo.PPOConfig(minibatch_size=8), micro_batch_size=3)
+    lengths = sorted(len(p) + len(s) for p, s in zip(prompts, resp))
+    assert widths == [max(lengths[i:i + 3]) for i in range(0, 8, 3)]
+    assert sum(widths) < 3 * max(lengths)        # what a random split would pay here
+
+
 def test_entropy_bonus_and_kl_loss_accumulate_exactly():
     """The entropy bonus has a gradient, and it and the KL term are aggregated like the loss, so
     gradients and metrics do not depend on the micro-batch size for any aggregation."""
