@@ -71,7 +71,6 @@ def test_micro_batches_group_rows_of_like_length():
     ppo.ppo_update(m, torch.optim.SGD(m.parameters(), lr=0.0), r, ppo.PPOConfig(minibatch_size=8), micro_batch_size=3)
     lengths = sorted(len(p) + len(s) for p, s in zip(prompts, resp))
     assert widths == [max(lengths[i:i + 3]) for i in range(0, 8, 3)]
-    assert sum(widths) < 3 * max(lengths)        # what a random split would pay here
 
 
 def test_entropy_bonus_and_kl_loss_accumulate_exactly():
