@@ -384,7 +384,7 @@ def _step_ops(sampler, b):
 def gpu_decode():
     """Paged decode attention (B 256, 14/2 heads, hd 64, contexts U[356, 1536], bf16) vs its torch
     reference vs SDPA on a padded cache; and the batched prefill kernel vs its reference."""
-    import kernels
+    import paged_kernels
     import torch.nn.functional as F
     dev = _dev()
     B, nh, nkv, hd, bs = (4, 14, 2, 64, 16) if SMOKE else (256, 14, 2, 64, 16)
@@ -408,8 +408,8 @@ def gpu_decode():
     mask = (pos < lens[:, None])[:, None, None, :]
     gb = float(ctx.sum()) * nkv * hd * 2 * 2 / 1e9
     res = {"B": B, "kv_gb_read": gb}
-    runs = {"ours": lambda: kernels.decode_attention(q, kc, vc, bt, lens, hd ** -0.5),
-            "torch_ref": lambda: kernels.decode_attention_ref(q, kc, vc, bt, lens, hd ** -0.5),
+    runs = {"ours": lambda: paged_kernels.decode_attention(q, kc, vc, bt, lens, hd ** -0.5),
+            "torch_ref": lambda: paged_kernels.decode_attention_ref(q, kc, vc, bt, lens, hd ** -0.5),
             "sdpa_padded_gqa": lambda: F.scaled_dot_product_attention(q[:, :, None], kp, vp, attn_mask=mask,
                                                                       scale=hd ** -0.5, enable_gqa=True)}
     for name, fn in runs.items():
@@ -422,8 +422,8 @@ def gpu_decode():
     qs = (ql.cumsum(0) - ql).int()
     qq = torch.randn(int(ql.sum()), nh, hd, generator=g).to(dev, torch.bfloat16)
     cl = ql.clone()
-    pre = {"ours": lambda: kernels.prefill_attention(qq, kc, vc, bt, qs, ql, cl, hd ** -0.5, int(ql.max())),
-           "torch_ref": lambda: kernels.prefill_attention_ref(qq, kc, vc, bt, qs, ql, cl, hd ** -0.5)}
+    pre = {"ours": lambda: paged_kernels.prefill_attention(qq, kc, vc, bt, qs, ql, cl, hd ** -0.5, int(ql.max())),
+           "torch_ref": lambda: paged_kernels.prefill_attention_ref(qq, kc, vc, bt, qs, ql, cl, hd ** -0.5)}
     res["prefill"] = {"tokens": int(ql.sum())}
     for name, fn in pre.items():
         res["prefill"][name + "_ms"] = _best(fn, 5) * 1e3

@@ -4,12 +4,12 @@ entropy) without the [N, V] logits, a Triton kernel with a plain-torch reference
     logprobs.token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False)
     logprobs.token_logprobs_ref(...)                 # the same in plain torch: what the tests compare against
 
-Which one runs is kernels.py's dispatch (NANOSATORI_KERNELS, TRITON_INTERPRET=1 for CPU).
+Which one runs is paged_kernels.py's dispatch (NANOSATORI_KERNELS, TRITON_INTERPRET=1 for CPU).
 """
 import torch
 
-import kernels
-from kernels import dot_mode, mma, num_sms, tl, triton
+import paged_kernels
+from paged_kernels import dot_mode, mma, num_sms, tl, triton
 
 # Forward (Triton): grid (row tiles, vocab splits). Each program streams its vocabulary slice in
 # [BM, BV] logit tiles (a K-loop over the hidden size) and keeps, per row, an online max m, sum of
@@ -176,7 +176,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, inv_temp, use_triton):
         torch_fwd = lambda: _lp_forward_torch(hidden, weight, targets, inv_temp)
         triton_fwd = lambda: _lp_forward_triton(hidden, weight, targets, inv_temp)
-        fwd = (lambda: kernels.run_kernel("token_logprobs", triton_fwd, torch_fwd)) if use_triton else torch_fwd
+        fwd = (lambda: paged_kernels.run_kernel("token_logprobs", triton_fwd, torch_fwd)) if use_triton else torch_fwd
         logp, ent, lse = fwd()
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.inv_temp, ctx.use_triton = inv_temp, use_triton
@@ -192,7 +192,7 @@ class _TokenLogprobs(torch.autograd.Function):
         def dz_fn(*a):
             if not ctx.use_triton:
                 return _lp_dz_torch(*a)
-            return kernels.run_kernel("token_logprobs_backward", lambda: _lp_dz_triton(*a), lambda: _lp_dz_torch(*a))
+            return paged_kernels.run_kernel("token_logprobs_backward", lambda: _lp_dz_triton(*a), lambda: _lp_dz_torch(*a))
         gh = torch.empty_like(hidden) if need_h else None
         gw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
         for sl in _chunks(hidden, weight.shape[0], hidden.element_size()):
@@ -218,7 +218,7 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         hidden, weight = hidden.to(dt), weight.to(dt)
-    use = kernels.use_triton(hidden, "token_logprobs") and targets.numel() > 0     # no rows: nothing to launch
+    use = paged_kernels.use_triton(hidden, "token_logprobs") and targets.numel() > 0     # no rows: nothing to launch
     return _token_logprobs(hidden, weight, targets, temperature, return_entropy, use)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import kernels
+import paged_kernels
 import parallel
 
 MAX_STOP_IDS = 8      # stop ids live in a fixed-size device buffer (a CUDA graph reads it)
@@ -102,11 +102,11 @@ class PagedKVCache:
         k_cache, v_cache = self.k[layer], self.v[layer]
         if self.prefill is None and self.dense is not None:
             return self._attend_dense(layer, q, k, v)
-        kernels.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        paged_kernels.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
         if self.prefill is None:
-            return kernels.decode_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.scale)
+            return paged_kernels.decode_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.scale)
         q_start, q_lens, max_q_len, lanes = self.prefill
-        out = kernels.prefill_attention(q, k_cache, v_cache, self.block_tables, q_start, q_lens,
+        out = paged_kernels.prefill_attention(q, k_cache, v_cache, self.block_tables, q_start, q_lens,
                                         self.context_lens, self.scale, max_q_len)
         if self.dense is not None:       # the new sequences' prompts into their lanes' rows
             n, w = self.block_tables.shape

@@ -1,5 +1,5 @@
-"""kernels.py and logprobs.py: the torch references against the plain definitions (in this process), and
-the Triton kernels against the references. Triton reads TRITON_INTERPRET when kernels.py is imported, so on a
+"""paged_kernels.py and logprobs.py: the torch references against the plain definitions (in this process), and
+the Triton kernels against the references. Triton reads TRITON_INTERPRET when paged_kernels.py is imported, so on a
 machine without a GPU the kernel tests (test_kernel_*) run in a subprocess with TRITON_INTERPRET=1
 (test_kernels_under_interpreter); with a GPU, or with TRITON_INTERPRET=1 already set, they run here.
 """
@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-import kernels
+import paged_kernels
 import logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_KERNELS = kernels.HAS_TRITON and (kernels.INTERPRET or torch.cuda.is_available())
-DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+RUN_KERNELS = paged_kernels.HAS_TRITON and (paged_kernels.INTERPRET or torch.cuda.is_available())
+DEVICE = "cuda" if torch.cuda.is_available() and not paged_kernels.INTERPRET else "cpu"
 needs_triton = pytest.mark.skipif(not RUN_KERNELS, reason="runs in the TRITON_INTERPRET=1 subprocess")
 
 
@@ -140,7 +140,7 @@ def test_store_kv_ref_matches_definition():
     k, v = torch.randn(6, 2, 8).to(DEVICE), torch.randn(6, 2, 8).to(DEVICE)
     slots = torch.tensor([0, 15, -1, 6, 7, -1], device=DEVICE)
     kc2, vc2 = kc.clone(), vc.clone()
-    kernels.store_kv_ref(k, v, kc, vc, slots)
+    paged_kernels.store_kv_ref(k, v, kc, vc, slots)
     store_kv_def(k, v, kc2, vc2, slots)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
@@ -148,7 +148,7 @@ def test_store_kv_ref_matches_definition():
 @pytest.mark.parametrize("group", [1, 2, 7])
 def test_decode_attention_ref_matches_definition(group):
     q, kc, vc, bt, lens, scale = _decode_case(group, torch.float32)
-    out = kernels.decode_attention_ref(q, kc, vc, bt, lens, scale)
+    out = paged_kernels.decode_attention_ref(q, kc, vc, bt, lens, scale)
     assert out.shape == q.shape and out.dtype == q.dtype
     _close(out, decode_attention_def(q, kc, vc, bt, lens, scale), 1e-5)
 
@@ -157,12 +157,12 @@ def test_decode_attention_ref_matches_definition(group):
 def test_prefill_attention_ref_matches_definition(group):
     case = _prefill_case(group, torch.float32)
     want = prefill_attention_def(*case)
-    _close(kernels.prefill_attention_ref(*case), want, 1e-5)
+    _close(paged_kernels.prefill_attention_ref(*case), want, 1e-5)
     q, kc, vc, bt, q_start, q_lens, ctx, scale = case
     # the sequences one at a time (rows of one sequence only): the same rows
     for i in range(3):
         lo, n = int(q_start[i]), int(q_lens[i])
-        one = kernels.prefill_attention_ref(q[lo:lo + n], kc, vc, bt[i:i + 1], q_start[:1] * 0, q_lens[i:i + 1],
+        one = paged_kernels.prefill_attention_ref(q[lo:lo + n], kc, vc, bt[i:i + 1], q_start[:1] * 0, q_lens[i:i + 1],
                                             ctx[i:i + 1], scale)
         _close(one, want[lo:lo + n], 1e-5)
 
@@ -177,27 +177,27 @@ def test_token_logprobs_with_no_rows():
 
 
 def test_kernel_choice_from_the_environment():
-    code = ("import torch, kernels\n"
-            "assert not kernels.use_triton(torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu'))\n"
+    code = ("import torch, paged_kernels\n"
+            "assert not paged_kernels.use_triton(torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu'))\n"
             "print('ok')")
     env = dict(os.environ, NANOSATORI_KERNELS="torch", TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
     env["NANOSATORI_KERNELS"] = "cuda"
-    r = subprocess.run([sys.executable, "-c", "import kernels"], cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", "import paged_kernels"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "NANOSATORI_KERNELS='cuda': expected auto, triton or torch" in r.stderr
 
 
 def test_a_kernel_that_fails_falls_back_once(monkeypatch):
     """NANOSATORI_KERNELS=auto: a first launch that raises (a compile error) warns once and runs the
     reference from then on; =triton: the error propagates."""
-    monkeypatch.setattr(kernels, "_failed", set())
-    monkeypatch.setattr(kernels, "_ran", set())
+    monkeypatch.setattr(paged_kernels, "_failed", set())
+    monkeypatch.setattr(paged_kernels, "_ran", set())
     calls = []
 
     class CompileError(Exception):
         pass
-    monkeypatch.setattr(kernels, "_COMPILE_ERRORS", (CompileError,))
+    monkeypatch.setattr(paged_kernels, "_COMPILE_ERRORS", (CompileError,))
 
     def broken():
         calls.append(1)
@@ -206,13 +206,13 @@ def test_a_kernel_that_fails_falls_back_once(monkeypatch):
     def buggy():
         raise TypeError("a wrong launch argument")
     with pytest.warns(UserWarning, match="the Triton toy kernel failed"):
-        assert kernels.run_kernel("toy", broken, lambda: "ref") == "ref"
-    assert "toy" in kernels._failed and not kernels.use_triton(torch.zeros(1), "toy")
+        assert paged_kernels.run_kernel("toy", broken, lambda: "ref") == "ref"
+    assert "toy" in paged_kernels._failed and not paged_kernels.use_triton(torch.zeros(1), "toy")
     with pytest.raises(TypeError):                 # not a compile failure: a bug, never hidden
-        kernels.run_kernel("buggy", buggy, lambda: "ref")
-    monkeypatch.setattr(kernels, "KERNELS", "triton")
+        paged_kernels.run_kernel("buggy", buggy, lambda: "ref")
+    monkeypatch.setattr(paged_kernels, "KERNELS", "triton")
     with pytest.raises(CompileError, match="PTX"):
-        kernels.run_kernel("other", broken, lambda: "ref")
+        paged_kernels.run_kernel("other", broken, lambda: "ref")
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
@@ -252,15 +252,15 @@ def test_token_logprobs_ref_bf16():
 
 
 def test_dispatch_off_cuda_uses_references():
-    if kernels.INTERPRET:
+    if paged_kernels.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1: kernels run on CPU tensors")
-    assert not kernels.use_triton(torch.zeros(1))
+    assert not paged_kernels.use_triton(torch.zeros(1))
 
 
 def test_import_without_triton():
     code = ("import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
-            "import torch, kernels, logprobs\n"
-            "assert not kernels.HAS_TRITON\n"
+            "import torch, paged_kernels, logprobs\n"
+            "assert not paged_kernels.HAS_TRITON\n"
             "h, w = torch.randn(3, 8, requires_grad=True), torch.randn(10, 8)\n"
             "logprobs.token_logprobs(h, w, torch.tensor([1, 2, 3])).sum().backward()\n"
             "print('ok')")
@@ -271,7 +271,7 @@ def test_import_without_triton():
 
 # ---------------------------------------------------------------- Triton kernels vs references
 
-@pytest.mark.skipif(not kernels.HAS_TRITON or RUN_KERNELS, reason="kernel tests run in this process")
+@pytest.mark.skipif(not paged_kernels.HAS_TRITON or RUN_KERNELS, reason="kernel tests run in this process")
 def test_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", NANOSATORI_KERNELS="triton")   # a kernel that fails is a failure
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
@@ -290,8 +290,8 @@ def test_kernel_store_kv(dtype):
     for slots in (torch.tensor([0, 15, -1, 6, 7, -1]), torch.tensor([3, -1, -1, 12, 1, 2], dtype=torch.int32)):
         slots = slots.to(DEVICE)
         kc2, vc2 = kc.clone(), vc.clone()
-        kernels.store_kv(k, v, kc, vc, slots)
-        kernels.store_kv_ref(k, v, kc2, vc2, slots)
+        paged_kernels.store_kv(k, v, kc, vc, slots)
+        paged_kernels.store_kv_ref(k, v, kc2, vc2, slots)
         assert torch.equal(kc, kc2) and torch.equal(vc, vc2)   # slot -1 left the cache as it was
 
 
@@ -300,9 +300,9 @@ def test_kernel_store_kv(dtype):
 @pytest.mark.parametrize("num_splits", [None, 1, 3])
 def test_kernel_decode_attention(group, num_splits):
     q, kc, vc, bt, lens, scale = _decode_case(group, torch.float32)
-    out = kernels.decode_attention(q, kc, vc, bt, lens, scale, num_splits=num_splits)
+    out = paged_kernels.decode_attention(q, kc, vc, bt, lens, scale, num_splits=num_splits)
     assert out.shape == q.shape and out.dtype == q.dtype
-    _close(out, kernels.decode_attention_ref(q, kc, vc, bt, lens, scale), 1e-4)
+    _close(out, paged_kernels.decode_attention_ref(q, kc, vc, bt, lens, scale), 1e-4)
 
 
 @needs_triton
@@ -310,22 +310,22 @@ def test_kernel_decode_attention(group, num_splits):
 @pytest.mark.parametrize("bs", [8, 16])
 def test_kernel_prefill_attention(group, bs):
     case = _prefill_case(group, torch.float32, bs=bs)
-    out = kernels.prefill_attention(*case)
+    out = paged_kernels.prefill_attention(*case)
     assert out.shape == case[0].shape and out.dtype == case[0].dtype
-    _close(out, kernels.prefill_attention_ref(*case), 1e-4)
+    _close(out, paged_kernels.prefill_attention_ref(*case), 1e-4)
 
 
 @needs_triton
 def test_kernel_prefill_attention_bf16():
     case = _prefill_case(7, torch.bfloat16)
-    _close(kernels.prefill_attention(*case), prefill_attention_def(*case), 3e-2)
+    _close(paged_kernels.prefill_attention(*case), prefill_attention_def(*case), 3e-2)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_decode_attention_half(dtype):
     q, kc, vc, bt, lens, scale = _decode_case(7, dtype, hd=24, bs=4)   # head_dim not a power of 2
-    out = kernels.decode_attention(q, kc, vc, bt, lens, scale, num_splits=2)
+    out = paged_kernels.decode_attention(q, kc, vc, bt, lens, scale, num_splits=2)
     assert out.dtype == dtype
     _close(out, decode_attention_def(q, kc, vc, bt, lens, scale), 3e-2)
 
@@ -334,8 +334,8 @@ def test_kernel_decode_attention_half(dtype):
 def test_kernel_decode_attention_extreme_scores():
     q, kc, vc, bt, lens, scale = _decode_case(2, torch.float32, q_scale=300.0)
     bt, lens = bt.long(), lens.long()                      # int64 tables work too
-    out = kernels.decode_attention(q, kc, vc, bt, lens, scale, num_splits=4)
-    _close(out, kernels.decode_attention_ref(q, kc, vc, bt, lens, scale), 1e-4)
+    out = paged_kernels.decode_attention(q, kc, vc, bt, lens, scale, num_splits=4)
+    _close(out, paged_kernels.decode_attention_ref(q, kc, vc, bt, lens, scale), 1e-4)
 
 
 @needs_triton

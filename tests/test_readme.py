@@ -49,3 +49,17 @@ def test_no_file_names_documents_outside_the_repository():
             text = open(path, encoding="utf-8", errors="replace").read()
             named = set(re.findall(r"[A-Za-z_][\w.-]*\.md\b", text)) - ours
             assert not named and not re.search(r"\.\./\w", text), f"{path} cites a document outside the repository"
+
+
+def test_no_module_of_ours_shadows_an_installed_one():
+    """Our flat modules are imported by bare name with the repository first on the path, so a file named
+    like an installed package (as kernels.py was, once transformers began importing `kernels`) would
+    replace that package in every process that imports both."""
+    import importlib.machinery
+    import sys
+    elsewhere = [p for p in sys.path if p and os.path.abspath(p) != ROOT]
+    ours = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")]
+    assert len(ours) >= 20, f"only {len(ours)} modules found"
+    clashes = [f"{m}.py shadows {spec.origin}" for m in ours
+               if (spec := importlib.machinery.PathFinder.find_spec(m, elsewhere)) is not None]
+    assert not clashes, "\n".join(clashes)

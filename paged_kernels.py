@@ -1,14 +1,17 @@
 """Triton kernels of the sampler (the paged KV cache and attention over it), each with a plain-torch
 reference, and the dispatch every kernel shares (NANOSATORI_KERNELS, the fallback on compile errors).
 
-    kernels.store_kv(k, v, k_cache, v_cache, slot_mapping)                # write new K/V into paged slots
-    kernels.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    kernels.prefill_attention(q, k_cache, v_cache, block_tables, q_start, q_lens, context_lens, scale)
+    paged_kernels.store_kv(k, v, k_cache, v_cache, slot_mapping)                # write new K/V into paged slots
+    paged_kernels.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    paged_kernels.prefill_attention(q, k_cache, v_cache, block_tables, q_start, q_lens, context_lens, scale)
 
 The fused linear -> log-prob kernel of the trainer is in logprobs.py, on the dispatch set up here.
 
 Paged cache layout, per layer: k_cache, v_cache [num_blocks, block_size, n_kv_heads, head_dim]; the
 slot of a token is block_id * block_size + offset; a sequence's block table lists its block ids.
+
+Not named kernels.py: `kernels` is a PyPI package that transformers imports, and a module of ours
+first on the path would shadow it (bench.py and the tests import transformers beside this module).
 
 Dispatch, by the environment variable NANOSATORI_KERNELS (read at import):
   auto (default)  the Triton kernel where it can run: on CUDA tensors, or on any tensor when
