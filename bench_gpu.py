@@ -304,5 +304,7 @@ def run(parts, smoke, json_path, machine):
     return res
 
 
-if __name__ == "__main__":            # one part: a child of bench_gpu, or run by hand
+if __name__ == "__main__":            # one part: a child of run(), or by hand
+    if len(sys.argv) != 2 or sys.argv[1] not in GPU_PARTS:
+        raise SystemExit(f"usage: python bench_gpu.py PART, PART one of {', '.join(GPU_PARTS)}")
     print(json.dumps(GPU_PARTS[sys.argv[1]][0]()))
