@@ -320,7 +320,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num
                    lambda: decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale))
 
 
-def _gather_blocks(cache, block_tables):
+def gather_blocks(cache, block_tables):
     """[num_blocks, bs, n_kv, hd] through block tables [B, W] -> [B, W * bs, n_kv, hd]: one index
     per block, not per token."""
     B, W = block_tables.shape
@@ -330,8 +330,8 @@ def _gather_blocks(cache, block_tables):
 def decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale):
     # Every sequence's context gathered by blocks [B, T, n_kv, hd]; positions >= context_len masked.
     B, n_heads, hd = q.shape
-    k = _gather_blocks(k_cache, block_tables).transpose(1, 2).float()                   # [B, n_kv, T, hd]
-    v = _gather_blocks(v_cache, block_tables).transpose(1, 2).float()
+    k = gather_blocks(k_cache, block_tables).transpose(1, 2).float()                   # [B, n_kv, T, hd]
+    v = gather_blocks(v_cache, block_tables).transpose(1, 2).float()
     mask = (torch.arange(k.shape[2], device=q.device) < context_lens.view(B, 1))[:, None, None, :]
     o = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return o[:, :, 0].to(q.dtype)
@@ -428,25 +428,31 @@ def prefill_attention(q, k_cache, v_cache, block_tables, q_start, q_lens, contex
 
 
 def prefill_attention_ref(q, k_cache, v_cache, block_tables, q_start, q_lens, context_lens, scale):
-    # Padded per sequence: queries [n, H, Tq, hd], contexts gathered by blocks [n, n_kv, T, hd], a
-    # causal mask by position; in chunks of sequences so that the scores stay ~64 M floats.
+    # Padded per sequence: queries [c, H, Tq, hd], contexts gathered by blocks [c, n_kv, T, hd], a
+    # causal mask by position. Sequences go longest first, in chunks whose shortest is at least half
+    # the longest (a few whole prompts do not pad the many that share their prefix) and whose
+    # scores stay ~64 M floats.
     N, n_heads, hd = q.shape
-    n = block_tables.shape[0]
     out = torch.empty_like(q)
     if N == 0:
         return out
-    Tq, T = int(q_lens.max()), block_tables.shape[1] * k_cache.shape[1]
-    step = max(1, (64 << 20) // (n_heads * Tq * T))
-    j = torch.arange(Tq, device=q.device)
-    for c in range(0, n, step):
-        sl = slice(c, min(c + step, n))
-        rows = q_start[sl, None].long() + j                                            # [c, Tq]
-        valid = j < q_lens[sl, None]
+    T = block_tables.shape[1] * k_cache.shape[1]
+    order = torch.argsort(q_lens, descending=True, stable=True)
+    lens = q_lens[order].tolist()
+    c = 0
+    while c < len(lens):
+        Tq, e = lens[c], c + 1
+        while e < len(lens) and 2 * lens[e] >= Tq and (e + 1 - c) * n_heads * Tq * T <= 64 << 20:
+            e += 1
+        idx, c = order[c:e], e
+        j = torch.arange(Tq, device=q.device)
+        rows = q_start[idx, None].long() + j                                           # [c, Tq]
+        valid = j < q_lens[idx, None]
         qp = q[rows.clamp(max=N - 1)].float().transpose(1, 2)                         # [c, H, Tq, hd]
-        k = _gather_blocks(k_cache, block_tables[sl]).float().transpose(1, 2)         # [c, n_kv, T, hd]
-        v = _gather_blocks(v_cache, block_tables[sl]).float().transpose(1, 2)
-        qpos = (context_lens[sl] - q_lens[sl])[:, None] + j                           # [c, Tq]
-        allowed = torch.arange(T, device=q.device) <= qpos[:, :, None]                # [c, Tq, T]
+        k = gather_blocks(k_cache, block_tables[idx]).float().transpose(1, 2)        # [c, n_kv, T, hd]
+        v = gather_blocks(v_cache, block_tables[idx]).float().transpose(1, 2)
+        qpos = (context_lens[idx] - q_lens[idx])[:, None] + j                         # [c, Tq]
+        allowed = torch.arange(T, device=q.device) <= qpos[:, :, None]               # [c, Tq, T]
         o = F.scaled_dot_product_attention(qp, k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True)
         out[rows[valid]] = o.transpose(1, 2)[valid].to(q.dtype)                       # [c, Tq, H, hd] -> rows
     return out

@@ -83,12 +83,21 @@ class PagedKVCache:
         self.dense = (torch.zeros(dense, device=device, dtype=dtype), torch.zeros(dense, device=device, dtype=dtype)) \
             if lanes else None
 
-    def set_decode(self, slot_mapping, block_tables, context_lens, positions):
-        # One new token per sequence (lane i runs lane i's): slot_mapping [B] (-1: not running),
-        # context_lens [B] >= 1, positions [B] of the new tokens.
+    def set_decode(self, block_tables, positions, running):
+        # One new token per lane: positions [B] of the new tokens; a stopped lane (running False)
+        # stores nothing in the blocks and attends over one token.
         self.prefill = None
-        self.slot_mapping, self.block_tables, self.context_lens = slot_mapping, block_tables, context_lens
-        self.positions = positions
+        self.block_tables, self.positions = block_tables, positions
+        self.context_lens = torch.where(running, positions + 1, 1).int()
+        if self.dense is not None:   # -inf past each lane's context, for every layer: [B * n_kv, 1, T]
+            B, n_kv, T = len(positions), self.k.shape[3], block_tables.shape[1] * self.block_size
+            past = torch.arange(T, device=positions.device) >= self.context_lens[:, None]
+            self.bias = torch.zeros(B, n_kv, 1, T, device=positions.device, dtype=self.k.dtype).masked_fill_(
+                past[:, None, None], float("-inf")).view(B * n_kv, 1, T)
+        else:                        # each new token's slot in the blocks (-1: none)
+            bs = self.block_size
+            blk = block_tables.gather(1, (positions // bs)[:, None])[:, 0].long()
+            self.slot_mapping = torch.where(running, blk * bs + positions % bs, -1)
 
     def set_prefill(self, slot_mapping, block_tables, q_start, q_lens, context_lens, max_q_len, lanes):
         # Packed runs of new tokens: sequence i's are rows q_start[i] .. + q_lens[i], the last of its
@@ -109,22 +118,22 @@ class PagedKVCache:
         out = paged_kernels.prefill_attention(q, k_cache, v_cache, self.block_tables, q_start, q_lens,
                                         self.context_lens, self.scale, max_q_len)
         if self.dense is not None:       # the new sequences' prompts into their lanes' rows
-            n, w = self.block_tables.shape
+            w = self.block_tables.shape[1]
             for cache, dense in ((k_cache, self.dense[0][layer]), (v_cache, self.dense[1][layer])):
-                blocks = cache[self.block_tables.long()].reshape(n, w * self.block_size, *cache.shape[2:])
-                dense[lanes, :, :w * self.block_size] = blocks.transpose(1, 2)
+                dense[lanes, :, :w * self.block_size] = paged_kernels.gather_blocks(cache, self.block_tables).transpose(1, 2)
         return out
 
     def _attend_dense(self, layer, q, k, v):
         b, T = q.shape[0], self.block_tables.shape[1] * self.block_size
         dk, dv = self.dense[0][layer], self.dense[1][layer]                  # [lanes, n_kv, max_len, hd]
+        n_kv, hd = dk.shape[1], q.shape[-1]
         rows = torch.arange(b, device=q.device)
         dk[rows, :, self.positions], dv[rows, :, self.positions] = k, v      # a stopped lane's row is unused
-        mask = (torch.arange(T, device=q.device) < self.context_lens[:, None])[:, None, None, :]
-        # the query heads of a KV head play the part of query positions: no K/V repeated per head
-        o = F.scaled_dot_product_attention(q.view(b, dk.shape[1], -1, q.shape[-1]), dk[:b, :, :T], dv[:b, :, :T],
-                                           attn_mask=mask, scale=self.scale)
-        return o.reshape(q.shape)
+        # the query heads of a KV head play the part of query positions: no K/V repeated per head.
+        # Two batched matmuls beat CPU SDPA here, whose flash kernel tiles 2-4 query rows poorly.
+        s = torch.baddbmm(self.bias, q.view(b * n_kv, -1, hd), dk[:b, :, :T].view(b * n_kv, T, hd).transpose(1, 2),
+                          alpha=self.scale)                                 # [b * n_kv, heads / n_kv, T]
+        return torch.bmm(s.softmax(-1), dv[:b, :, :T].view(b * n_kv, T, hd)).view(q.shape)
 
 
 class Sampler:
@@ -155,10 +164,11 @@ class Sampler:
         S, L = max_batch, self.max_seq_len
         zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=dev)
         # the lanes' state, updated in place by every decode step
-        self.tok, self.pos, self.n_gen, self.budget, self.key = (zeros(S) for _ in range(5))
+        self.tok, self.pos, self.n_gen, self.budget = (zeros(S) for _ in range(4))
         self.running = zeros(S, dtype=torch.bool)
         self.tables = zeros(S, self.width, dtype=torch.int32)
         self.out_tok, self.out_lp = zeros(S, L), zeros(S, L, dtype=torch.float32)
+        self.u = zeros(S, L, dtype=torch.float64)   # the uniform that draws each lane's token n, drawn at admission
         # the call's settings, as device tensors so that a captured step reads the current ones
         self.seed_t, self.temp_t, self.stop_t = zeros(1), zeros(1, dtype=torch.float32), zeros(MAX_STOP_IDS)
         self.graphs, self.pool = {}, None
@@ -296,9 +306,10 @@ class Sampler:
         h = self.model.hidden(ids[None], pos[None], cache=self.cache)[0]         # [N, H]
         logits = h[q_start + q_lens - 1] @ self.model.lm_head.weight.T               # [B, V]
         key = stream_key(self.seed_t, torch.tensor([s.index for s in seqs], device=dev))
-        tok, lp = sample(logits, self.temp_t, top_p, uniform(key, torch.zeros_like(key)), greedy)
+        u = uniform(key[:, None], torch.arange(self.max_seq_len, device=dev))    # [n, L]: once, not per step
+        tok, lp = sample(logits, self.temp_t, top_p, u[:, 0], greedy)
         budget = torch.tensor([s.budget for s in seqs], device=dev)
-        self.tables[sl], self.key[sl], self.budget[sl] = tables, key, budget
+        self.tables[sl], self.u[sl], self.budget[sl] = tables, u, budget
         self.tok[sl], self.pos[sl], self.n_gen[sl] = tok, ctx.long(), 1
         self.out_tok[sl, 0], self.out_lp[sl, 0] = tok, lp
         self.running[sl] = ~((tok[:, None] == self.stop_t).any(-1) | (budget <= 1))
@@ -310,15 +321,13 @@ class Sampler:
         record it, end sequences at a stop token or their budget. Shapes depend on b alone and
         nothing reads the host, so a CUDA graph can capture it. reach: block-table columns to read
         (eager only; None: all)."""
-        bs, L = self.block_size, self.max_seq_len
+        L = self.max_seq_len
         tok, pos, run, n = self.tok[:b], self.pos[:b], self.running[:b], self.n_gen[:b]
-        tables = self.tables[:b, :reach]
-        blk = tables.gather(1, (pos // bs)[:, None])[:, 0].long()
-        self.cache.set_decode(torch.where(run, blk * bs + pos % bs, -1), tables, torch.where(run, pos + 1, 1).int(), pos)
+        self.cache.set_decode(self.tables[:b, :reach], pos, run)
         h = self.model.hidden(tok[None], pos[None], cache=self.cache)[0]            # [b, H]
-        new, lp = sample(h @ self.model.lm_head.weight.T, self.temp_t, top_p, uniform(self.key[:b], n), greedy)
-        # out[lane, n] for every lane: a stopped lane writes past its last token, where nothing reads
+        # [lane, n] of out_*, u for every lane: a stopped lane writes past its last token, where nothing reads
         at = torch.arange(b, device=self.device) * L + n.clamp(max=L - 1)
+        new, lp = sample(h @ self.model.lm_head.weight.T, self.temp_t, top_p, self.u.view(-1)[at], greedy)
         self.out_tok.view(-1)[at], self.out_lp.view(-1)[at] = new, lp
         done = run & ((new[:, None] == self.stop_t).any(-1) | (n + 1 >= self.budget[:b]))
         n += run
@@ -392,7 +401,7 @@ class Sampler:
             holes = [j for j in range(n) if lanes[j] is None]
             movers = [i for i in used if i >= n]
             dst, src = (torch.tensor(x, device=self.device) for x in (holes, movers))
-            for t in (self.tok, self.pos, self.n_gen, self.budget, self.key, self.running, self.tables,
+            for t in (self.tok, self.pos, self.n_gen, self.budget, self.u, self.running, self.tables,
                       self.out_tok, self.out_lp):
                 t[dst] = t[src]
             self.running[src] = False
@@ -446,7 +455,9 @@ def sample(logits, temperature, top_p, u, greedy=False):
         drop_sorted = cum - sorted_logp.exp() >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), -1)
-    cdf = logp.double().exp().cumsum(-1)       # float64: a tail token's step of the CDF never rounds away
+    # summed in float64, so that a tail token's step of the CDF never rounds away (exp in float32:
+    # its relative error is far below the uniforms' 2^-52 resolution, at half the cost)
+    cdf = logp.exp().double().cumsum(-1)
     tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp(max=logits.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
