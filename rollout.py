@@ -433,9 +433,14 @@ def stream_key(seed, index):
 
 
 def uniform(key, step):
-    """One float64 in (0, 1) per row from stream keys [B] and token indices [B] (52 random bits from
-    two hash words): the same numbers on every device and in every batch."""
-    h = _mix(key ^ _mix(step & 0xFFFFFFFF))
+    """One float64 in (0, 1) per element from stream keys and token indices (broadcast; 52 random
+    bits from two hash words): the same numbers on every device and in every batch."""
+    # The token index gets a hash of its own (shifted off zero, times an odd constant) before it
+    # meets the key: with the key's hash on both sides, key ^ _mix(step) vanished wherever the
+    # prompt index XOR the token index equalled a value fixed by the seed (seed 0: token i of prompt
+    # i), and drew a u near 0 there.
+    t = _mix((step + 1) & 0xFFFFFFFF) * 0x2C1B3C6D & 0xFFFFFFFF
+    h = _mix(key ^ t)
     lo = _mix(h ^ 0x9E3779B9)
     return (((h >> 6) * 2 ** 26 + (lo >> 6)).double() + 0.5) * 2.0 ** -52
 

@@ -154,3 +154,18 @@ def test_a_large_prefill_keeps_the_rotary_table(models, dense):
     assert sum(map(len, prompts)) > ours.cfg.max_position_embeddings
     s.generate(prompts, 4, temperature=0)
     assert ours.model._rope[key][0] is table
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7919, 2 ** 32 - 1])
+def test_uniforms_look_uniform_over_prompts_and_tokens(seed):
+    # u[prompt, token] of one call: the whole grid, its diagonal and a row and a column each pass a
+    # Kolmogorov-Smirnov test against U(0, 1) (~0.1% level), no prompt's draws mirror another's, and
+    # repeated values are as rare as 32-bit hashes make them (~1 pair expected among 65,536)
+    n = 256
+    u = uniform(stream_key(torch.tensor([seed]), torch.arange(n))[:, None], torch.arange(n))
+    for x in (u.flatten(), u.diagonal(), u[:, 0], u[0], u[:, n - 1]):
+        x = x.sort().values
+        ecdf = torch.arange(1, len(x) + 1, dtype=torch.float64) / len(x)
+        assert (x - ecdf).abs().max() < 1.95 / len(x) ** 0.5 + 1 / len(x)
+    assert not torch.equal(u, u.T)
+    assert n * n - len(set(u.flatten().tolist())) <= 8
