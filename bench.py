@@ -35,17 +35,20 @@ def machine():
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def _timed(fn, device, repeat):
-    times = []
+def _timed(fns, device, repeat):
+    """Median seconds of each of fns, called in turn `repeat` times: interleaved, so that a slow
+    spell of the machine (a VM's speed drifts by tens of percent) weighs on both sides alike."""
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
 def _sampler_case(args):
@@ -101,8 +104,7 @@ def bench_sampler(args):
 
     with torch.inference_mode():
         run_ours(), run_hf()   # warm-up
-        t_ours = _timed(run_ours, device, args.repeat)
-        t_hf = _timed(run_hf, device, args.repeat)
+        t_ours, t_hf = _timed((run_ours, run_hf), device, args.repeat)
     n_tok = sum(olens)
     res = {"bench": "sampler", "machine": machine(), "device": device.type, "dtype": str(dtype),
            "model": cfg.to_hf(), "params": sum(p.numel() for p in ours.parameters()), "prompts": args.prompts,
@@ -149,8 +151,7 @@ def bench_rl_rollouts(args):
 
     with torch.inference_mode():
         run_ours(), run_hf()   # warm-up
-        t_ours = _timed(run_ours, device, args.repeat)
-        t_hf = _timed(run_hf, device, args.repeat)
+        t_ours, t_hf = _timed((run_ours, run_hf), device, args.repeat)
     res = {"bench": "sampler_rl", "machine": machine(), "device": device.type, "prompts": len(prompts),
            "ours_s": t_ours, "hf_s": t_hf, "ours_tokens": counts["ours"], "hf_tokens": counts["hf"],
            "ours_tok_s": counts["ours"] / t_ours, "hf_tok_s": counts["hf"] / t_hf,
@@ -265,7 +266,7 @@ def main():
     ap.add_argument("--workload", choices=["fixed", "rl"], default="fixed", help="sampler: fixed lengths or RL rollouts")
     ap.add_argument("--gpu-shape", action="store_true", help="Qwen2.5-0.5B shape, bf16, ragged [100, 1024] lengths")
     ap.add_argument("--hf-batch", type=int, default=0, help="transformers' batch size (default: all prompts)")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--n", type=int, default=8192, help="logprob: tokens")
     ap.add_argument("--vocab", type=int, default=151936, help="logprob: vocabulary")
     ap.add_argument("--hidden", type=int, default=896, help="logprob: hidden size")
