@@ -431,7 +431,7 @@ def prefill_attention_ref(q, k_cache, v_cache, block_tables, q_start, q_lens, co
     # Padded per sequence: queries [c, H, Tq, hd], contexts gathered by blocks [c, n_kv, T, hd], a
     # causal mask by position. Sequences go longest first, in chunks whose shortest is at least half
     # the longest (a few whole prompts do not pad the many that share their prefix) and whose
-    # scores stay ~64 M floats.
+    # scores stay ~64 M floats. The lengths are read on the host: the CPU's path, and CUDA's fallback.
     N, n_heads, hd = q.shape
     out = torch.empty_like(q)
     if N == 0:

@@ -436,9 +436,8 @@ def uniform(key, step):
     """One float64 in (0, 1) per element from stream keys and token indices (broadcast; 52 random
     bits from two hash words): the same numbers on every device and in every batch."""
     # The token index gets a hash of its own (shifted off zero, times an odd constant) before it
-    # meets the key: with the key's hash on both sides, key ^ _mix(step) vanished wherever the
-    # prompt index XOR the token index equalled a value fixed by the seed (seed 0: token i of prompt
-    # i), and drew a u near 0 there.
+    # meets the key: hashed like the key, key ^ _mix(step) would be 0 wherever the prompt index XOR
+    # the token index equals a value fixed by the seed (seed 0: token i of prompt i), a u near 0.
     t = _mix((step + 1) & 0xFFFFFFFF) * 0x2C1B3C6D & 0xFFFFFFFF
     h = _mix(key ^ t)
     lo = _mix(h ^ 0x9E3779B9)
@@ -460,8 +459,8 @@ def sample(logits, temperature, top_p, u, greedy=False):
         drop_sorted = cum - sorted_logp.exp() >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), -1)
-    # summed in float64, so that a tail token's step of the CDF never rounds away (exp in float32:
-    # its relative error is far below the uniforms' 2^-52 resolution, at half the cost)
+    # summed in float64, so that a tail token's step of the CDF never rounds away; exp in float32 (half
+    # the cost): its ~1e-7 relative error is that of the float32 log-probabilities themselves
     cdf = logp.exp().double().cumsum(-1)
     tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp(max=logits.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
