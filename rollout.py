@@ -92,7 +92,7 @@ class PagedKVCache:
         if self.dense is not None:   # -inf past each lane's context, for every layer: [B * n_kv, 1, T]
             B, n_kv, T = len(positions), self.k.shape[3], block_tables.shape[1] * self.block_size
             past = torch.arange(T, device=positions.device) >= self.context_lens[:, None]
-            self.bias = torch.zeros(B, n_kv, 1, T, device=positions.device, dtype=self.k.dtype).masked_fill_(
+            self.bias = torch.zeros(B, n_kv, 1, T, device=positions.device).masked_fill_(
                 past[:, None, None], float("-inf")).view(B * n_kv, 1, T)
         else:                        # each new token's slot in the blocks (-1: none)
             bs = self.block_size
@@ -130,10 +130,12 @@ class PagedKVCache:
         rows = torch.arange(b, device=q.device)
         dk[rows, :, self.positions], dv[rows, :, self.positions] = k, v      # a stopped lane's row is unused
         # the query heads of a KV head play the part of query positions: no K/V repeated per head.
-        # Two batched matmuls beat CPU SDPA here, whose flash kernel tiles 2-4 query rows poorly.
-        s = torch.baddbmm(self.bias, q.view(b * n_kv, -1, hd), dk[:b, :, :T].view(b * n_kv, T, hd).transpose(1, 2),
+        # Two batched matmuls beat CPU SDPA here, whose flash kernel tiles 2-4 query rows poorly;
+        # in float32 whatever the cache's dtype, as SDPA accumulates (a no-op for fp32).
+        keys, values = (c[:b, :, :T].float().reshape(b * n_kv, T, hd) for c in (dk, dv))
+        s = torch.baddbmm(self.bias, q.float().view(b * n_kv, -1, hd), keys.transpose(1, 2),
                           alpha=self.scale)                                 # [b * n_kv, heads / n_kv, T]
-        return torch.bmm(s.softmax(-1), dv[:b, :, :T].view(b * n_kv, T, hd)).view(q.shape)
+        return torch.bmm(s.softmax(-1), values).view(q.shape).to(q.dtype)
 
 
 class Sampler:
@@ -306,10 +308,11 @@ class Sampler:
         h = self.model.hidden(ids[None], pos[None], cache=self.cache)[0]         # [N, H]
         logits = h[q_start + q_lens - 1] @ self.model.lm_head.weight.T               # [B, V]
         key = stream_key(self.seed_t, torch.tensor([s.index for s in seqs], device=dev))
-        u = uniform(key[:, None], torch.arange(self.max_seq_len, device=dev))    # [n, L]: once, not per step
+        most = max(s.budget for s in seqs)
+        u = uniform(key[:, None], torch.arange(most, device=dev))                  # [n, most]: once, not per step
         tok, lp = sample(logits, self.temp_t, top_p, u[:, 0], greedy)
         budget = torch.tensor([s.budget for s in seqs], device=dev)
-        self.tables[sl], self.u[sl], self.budget[sl] = tables, u, budget
+        self.tables[sl], self.u[sl, :most], self.budget[sl] = tables, u, budget
         self.tok[sl], self.pos[sl], self.n_gen[sl] = tok, ctx.long(), 1
         self.out_tok[sl, 0], self.out_lp[sl, 0] = tok, lp
         self.running[sl] = ~((tok[:, None] == self.stop_t).any(-1) | (budget <= 1))
@@ -440,7 +443,7 @@ def uniform(key, step):
     # the token index equals a value fixed by the seed (seed 0: token i of prompt i), a u near 0.
     t = _mix((step + 1) & 0xFFFFFFFF) * 0x2C1B3C6D & 0xFFFFFFFF
     h = _mix(key ^ t)
-    lo = _mix(h ^ 0x9E3779B9)
+    lo = _mix(_mix(key ^ 0x9E3779B9) ^ t)    # a word that h does not determine: u has 52 random bits
     return (((h >> 6) * 2 ** 26 + (lo >> 6)).double() + 0.5) * 2.0 ** -52
 
 

@@ -110,6 +110,21 @@ def test_stop_ids_max_new_tokens_and_seeds(models, dense):
         s.generate([[]], max_new_tokens=3)
 
 
+def test_each_token_is_the_draw_of_its_uniform(models, dense):
+    # mixed budgets and more prompts than lanes: sequences end at different steps, lanes are refilled
+    # and compacted, and token n of prompt i is still the draw at uniform(key of i, n) from the
+    # distribution of a full forward
+    _, ours = models
+    prompts, budgets = ragged_prompts(7, seed=9), [2, 15, 1, 9, 20, 3, 12]
+    outs = Sampler(ours, max_batch=4, block_size=4).generate(prompts, budgets, temperature=1.3, seed=11)
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        assert len(o.tokens) == budgets[i]
+        with torch.no_grad():
+            logits = ours(torch.tensor([p + o.tokens]))[0, len(p) - 1:-1]
+        u = uniform(stream_key(torch.tensor([11]), torch.tensor([i])), torch.arange(len(o.tokens)))
+        assert sample(logits, 1.3, 1.0, u)[0].tolist() == o.tokens
+
+
 def expected_probs(logits, temperature, top_p):
     p = torch.softmax(logits / temperature, -1)
     srt, order = p.sort(descending=True)
@@ -169,3 +184,9 @@ def test_uniforms_look_uniform_over_prompts_and_tokens(seed):
         assert (x - ecdf).abs().max() < 1.95 / len(x) ** 0.5 + 1 / len(x)
     assert not torch.equal(u, u.T)
     assert n * n - len(set(u.flatten().tolist())) <= 8
+
+
+def test_uniforms_have_more_than_32_random_bits():
+    # 2^20 draws: ~128 pairs would repeat if u were a function of one 32-bit hash, ~0 with 52 bits
+    u = uniform(stream_key(torch.tensor([5]), torch.arange(1024))[:, None], torch.arange(1024))
+    assert u.numel() - u.unique().numel() <= 2
