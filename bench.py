@@ -279,6 +279,8 @@ def main():
     ap.add_argument("--seq_len", type=int, default=SATORI_SEQ_LEN, help="memory: tokens a sequence (prompt + response)")
     ap.add_argument("--rl_batch", type=int, default=0, help="memory: sampled sequences per RL step (0: config.py's)")
     args = ap.parse_args()
+    if args.repeat < 1:                          # before any model is built
+        ap.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.what == "shard-part":                # a torchrun child of `shard`
         if args.shard.startswith("ppo-"):
             return memory_plan.ppo_part(args.shard.removeprefix("ppo-"))
