@@ -18,6 +18,7 @@ import time
 
 import torch
 
+import paged_kernels
 from memory_plan import qwen25
 from model import ModelConfig, Transformer, num_params
 from rollout import Sampler
@@ -56,7 +57,8 @@ def _best(fn, repeat=10):
 
 def gpu_sampler():
     """The 0.5B shape, random bf16 weights, 256 prompts U[100, 1024], budgets U[256, 512], T 1: ours
-    (decode steps as CUDA graphs) vs transformers' generate on the same weights (one run, capped)."""
+    (decode steps as CUDA graphs) with and without the fused kernels vs transformers' generate on the
+    same weights (one run, capped)."""
     dev, cfg = _dev(), _qwen05()
     n = 4 if SMOKE else 256
     g = torch.Generator().manual_seed(0)
@@ -72,10 +74,24 @@ def gpu_sampler():
     eager = Sampler(model, max_batch=8, max_seq_len=96, cuda_graphs=False).generate(short, 16, temperature=0)
     graphed = Sampler(model, max_batch=8, max_seq_len=96).generate(short, 16, temperature=0)
     res["greedy_graphs_equal_eager"] = [o.tokens for o in eager] == [o.tokens for o in graphed]
+    res.update(_time_sampler(model, prompts, plens, olens))
+    paged_kernels.FUSED = False          # norms, rotary + store and SiLU * up as torch's operators
+    res.update({k + "_unfused": v for k, v in _time_sampler(model, prompts, plens, olens).items()})
+    paged_kernels.FUSED = True
+    res["fused_speedup"] = res["ours_s_unfused"] / res["ours_s"]
+    res.update(_hf_generate(model, cfg, prompts, olens, 5 if SMOKE else 40))
+    res["speedup_vs_hf"] = res["ours_tok_s"] / res["hf_tok_s"]
+    return res
+
+
+def _time_sampler(model, prompts, plens, olens):
+    """One timed generate of a fresh sampler (its graphs captured first): tok/s, where the GPU time
+    goes, and the launches of one eager step."""
+    dev, n = _dev(), len(prompts)
     sampler = Sampler(model, max_batch=n, max_seq_len=max(p + o for p, o in zip(plens, olens)))
     t0 = time.perf_counter()
     sampler.capture()
-    res["capture_s"] = time.perf_counter() - t0
+    res = {"capture_s": time.perf_counter() - t0}
     events, calls = [], {"decode": 0, "prefill": 0}
     for name in ("_decode", "_prefill"):
         orig = getattr(sampler, name)
@@ -104,10 +120,7 @@ def gpu_sampler():
     res.update(ours_s=t, ours_tok_s=sum(olens) / t, decode_calls=calls["decode"], prefill_calls=calls["prefill"],
                gpu_busy_share=(sum(gpu.values()) / t) if gpu else None, decode_gpu_s=gpu.get("decode"),
                prefill_gpu_s=gpu.get("prefill"))
-    res["eager_step_ops"] = _step_ops(sampler, n)
-    del sampler
-    res.update(_hf_generate(model, cfg, prompts, olens, 5 if SMOKE else 40))
-    res["speedup_vs_hf"] = res["ours_tok_s"] / res["hf_tok_s"]
+    res["eager_step_ops"], res["eager_step_triton"] = _step_ops(sampler, n)
     return res
 
 
@@ -137,7 +150,8 @@ def _hf_generate(model, cfg, prompts, olens, cap):
 
 
 def _step_ops(sampler, b):
-    """Operators an eager decode step of bucket b dispatches (the launches a CUDA graph replaces)."""
+    """Operators an eager decode step of bucket b dispatches and Triton kernels it launches (the
+    launches a CUDA graph replaces)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -146,9 +160,14 @@ def _step_ops(sampler, b):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Count.n += 1
             return func(*args, **(kwargs or {}))
-    with torch.inference_mode(), Count():
-        sampler._step(b, False, 1.0)
-    return Count.n
+    triton_calls, real = [], paged_kernels.run_kernel
+    paged_kernels.run_kernel = lambda name, *a: triton_calls.append(name) or real(name, *a)
+    try:
+        with torch.inference_mode(), Count():
+            sampler._step(b, False, 1.0)
+    finally:
+        paged_kernels.run_kernel = real
+    return Count.n, len(triton_calls)
 
 
 def gpu_decode():

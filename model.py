@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import paged_kernels
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -88,6 +90,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalised in fp32 whatever x's dtype, as transformers' Qwen2RMSNorm
+        if paged_kernels.fused(x, "rms_norm"):
+            return paged_kernels.rms_norm(x, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -100,8 +104,8 @@ def rope_table(n, head_dim, theta, device, dtype):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, T, heads, hd]; cos/sin [B, T, hd]."""
-    cos, sin = cos[:, :, None], sin[:, :, None]
+    """x [..., heads, hd]; cos/sin [..., hd] (x's leading dims: [B, T] in training, [N] in the sampler)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -151,14 +155,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None, docs=None):
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.hd), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd), cos, sin)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
         if cache is not None:
-            # The sampler owns the paged KV cache: it stores k/v and attends over what is cached.
-            # Its tokens come packed as one row (B == 1): q [T, heads, hd] -> [T, heads, hd].
-            y = cache.attend(self.layer_idx, q[0], k[0], v[0])[None]
-        elif docs is not None:
+            # The sampler owns the paged KV cache: it rotates q and k (with the store, one kernel on
+            # CUDA), stores k/v and attends over what is cached. Its tokens come packed as one row
+            # (B == 1): q [T, heads, hd] -> [T, heads, hd].
+            return self.o_proj(cache.attend(self.layer_idx, q[0], k[0], v[0], cos[0], sin[0]).reshape(B, T, -1))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if docs is not None:
             assert attn_mask is None, "docs and attn_mask: give one"
             y = doc_attention(q, k, v, docs)
         else:
@@ -179,7 +185,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(paged_kernels.silu_mul(g, u) if paged_kernels.fused(g, "silu_mul") else F.silu(g) * u)
 
 
 class Block(nn.Module):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import paged_kernels
 import parallel
+from model import apply_rope
 
 MAX_STOP_IDS = 8      # stop ids live in a fixed-size device buffer (a CUDA graph reads it)
 CUDA_GRAPHS = True    # the default of Sampler(cuda_graphs=None) on CUDA (train.py's --cuda_graphs)
@@ -106,12 +107,18 @@ class PagedKVCache:
         self.prefill = (q_start, q_lens, max_q_len, lanes)
         self.slot_mapping, self.block_tables, self.context_lens = slot_mapping, block_tables, context_lens
 
-    def attend(self, layer, q, k, v):
-        """q [N, heads, hd], k/v [N, n_kv, hd] of the step's new tokens -> [N, heads, hd]."""
+    def attend(self, layer, q, k, v, cos, sin):
+        """q [N, heads, hd], k/v [N, n_kv, hd] of the step's new tokens, q and k before the rotary
+        embedding at their positions (cos, sin [N, hd]) -> [N, heads, hd]."""
         k_cache, v_cache = self.k[layer], self.v[layer]
         if self.prefill is None and self.dense is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             return self._attend_dense(layer, q, k, v)
-        paged_kernels.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        if paged_kernels.fused(q, "rope_store"):     # one kernel: rotate q and k, store k and v
+            q = paged_kernels.rope_store(q, k, v, cos, sin, k_cache, v_cache, self.slot_mapping)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            paged_kernels.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
         if self.prefill is None:
             return paged_kernels.decode_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.scale)
         q_start, q_lens, max_q_len, lanes = self.prefill

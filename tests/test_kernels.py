@@ -16,6 +16,9 @@ import logprobs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_KERNELS = paged_kernels.HAS_TRITON and (paged_kernels.INTERPRET or torch.cuda.is_available())
 DEVICE = "cuda" if torch.cuda.is_available() and not paged_kernels.INTERPRET else "cpu"
+# bf16 results of the elementwise kernels: one rounding step apart from torch's at most on a GPU; the
+# CPU interpreter truncates float32 -> bf16 where GPUs round to nearest, which can add a step or two
+BF16_TOL = 2e-2 if paged_kernels.INTERPRET else 8e-3
 needs_triton = pytest.mark.skipif(not RUN_KERNELS, reason="runs in the TRITON_INTERPRET=1 subprocess")
 
 
@@ -272,6 +275,44 @@ def test_import_without_triton():
 # ---------------------------------------------------------------- Triton kernels vs references
 
 @pytest.mark.skipif(not paged_kernels.HAS_TRITON or RUN_KERNELS, reason="kernel tests run in this process")
+def rope_def(x, cos, sin):
+    """Rotary embedding as a rotation: the pair (x[j], x[j + hd/2]) turned by the angle whose cos and
+    sin are cos[j], sin[j] (the table repeats them in both halves), in float64."""
+    h = x.shape[-1] // 2
+    a, b = x[..., :h].double(), x[..., h:].double()
+    c, s = cos[:, None, :h].double(), sin[:, None, :h].double()
+    return torch.cat([a * c - b * s, b * c + a * s], -1)
+
+
+def _rope_case(n_heads, n_kv, hd, dtype, n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(n, n_heads + 2 * n_kv, hd, generator=g)        # views of one projection's output
+    ang = torch.rand(n, hd // 2, generator=g) * 6.3
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    q, k, v = qkv.to(DEVICE, dtype).split([n_heads, n_kv, n_kv], 1)
+    return q, k, v, cos.to(DEVICE, dtype), sin.to(DEVICE, dtype)
+
+
+def test_rope_store_ref_matches_definition():
+    q, k, v, cos, sin = _rope_case(7, 1, 64, torch.float64)
+    kc, vc = (c.double() for c in _cache(4, 4, 1, 64, torch.float32))
+    slots = torch.tensor([0, 15, -1, 6, 7], device=DEVICE)
+    kc2, vc2 = kc.clone(), vc.clone()
+    qo = paged_kernels.rope_store_ref(q, k, v, cos, sin, kc, vc, slots)
+    store_kv_def(rope_def(k, cos, sin), v, kc2, vc2, slots)
+    _close(qo, rope_def(q, cos, sin), 1e-12)
+    _close(kc, kc2, 1e-12)
+    _close(vc, vc2, 1e-12)
+
+
+def test_rms_norm_and_silu_mul_refs_match_definitions():
+    x, w = torch.randn(3, 5, 24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    _close(paged_kernels.rms_norm_ref(x, w, 1e-6), w * x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt(),
+           1e-6)   # normalised in float32, as the model does
+    g, u = torch.randn(2, 7, dtype=torch.float64), torch.randn(2, 7, dtype=torch.float64)
+    _close(paged_kernels.silu_mul_ref(g, u), g / (1 + torch.exp(-g)) * u, 1e-12)
+
+
 def test_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", NANOSATORI_KERNELS="triton")   # a kernel that fails is a failure
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
@@ -382,3 +423,70 @@ def test_kernel_token_logprobs_bf16():
                   targets, 1.0, torch.ones(20, device=DEVICE), torch.ones(20, device=DEVICE))
     for a, b in zip((lp, ent, hidden.grad, weight.grad), want):
         _close(a, b, 5e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(7, 1, 64), (4, 2, 24)])
+def test_kernel_rope_store(dtype, heads):
+    """GQA 7:1 at head dim 64, and a head dim whose half is no power of two; slot -1 stores nothing."""
+    q, k, v, cos, sin = _rope_case(*heads, dtype)
+    kc, vc = _cache(4, 4, heads[1], heads[2], dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+    slots = torch.tensor([0, 15, -1, 6, 7], device=DEVICE)
+    qo = paged_kernels.rope_store(q, k, v, cos, sin, kc, vc, slots)
+    qo2 = paged_kernels.rope_store_ref(q, k, v, cos, sin, kc2, vc2, slots)
+    assert qo.dtype == q.dtype and qo.shape == q.shape
+    tol = 1e-6 if dtype == torch.float32 else BF16_TOL
+    _close(qo, qo2, tol)
+    _close(kc, kc2, tol)
+    assert torch.equal(vc, vc2)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_rms_norm(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 9, 96, generator=g) * 3).to(DEVICE, dtype)
+    for w in (torch.randn(96, generator=g).to(DEVICE), torch.randn(96, generator=g).to(DEVICE, dtype)):
+        out, ref = paged_kernels.rms_norm(x, w, 1e-6), paged_kernels.rms_norm_ref(x, w, 1e-6)
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        _close(out, ref, 1e-5 if dtype == torch.float32 else BF16_TOL)   # rounded to x.dtype once
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_silu_mul(dtype):
+    g = torch.Generator().manual_seed(0)
+    a, b = ((torch.randn(3, 1500, generator=g) * 4).to(DEVICE, dtype) for _ in range(2))   # two programs, one partial
+    out = paged_kernels.silu_mul(a, b)
+    _close(out, paged_kernels.silu_mul_ref(a, b), 1e-5 if dtype == torch.float32 else BF16_TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("dense", [True, False])
+def test_kernel_sampler_fused_equals_unfused(dense, monkeypatch):
+    """The sampler's forward with the fused kernels (norms, rotary + store, SiLU * up) samples the
+    same tokens as with torch's operators, through prefill, shared prefixes and decode."""
+    from model import ModelConfig, Transformer
+    from rollout import Sampler
+    cfg = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(DEVICE).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (3, 11, 17)]
+    prompts.append(prompts[2])
+    run = lambda: Sampler(model, max_batch=4, block_size=8, max_seq_len=40, dense=dense).generate(
+        prompts, 8, temperature=1.0, seed=5)
+    launched, real = set(), paged_kernels.run_kernel
+    monkeypatch.setattr(paged_kernels, "run_kernel", lambda name, *a: launched.add(name) or real(name, *a))
+    fused = run()
+    assert {"rms_norm", "rope_store", "silu_mul"} <= launched
+    monkeypatch.setattr(paged_kernels, "FUSED", False)
+    launched.clear()
+    plain = run()
+    assert not launched & {"rms_norm", "rope_store", "silu_mul"}
+    for a, b in zip(fused, plain):
+        assert a.tokens == b.tokens
+        _close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), 1e-4)
