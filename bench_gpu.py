@@ -6,7 +6,8 @@ part at tiny shapes on the CPU (a test does).
     python bench.py gpu --parts=decode,sft   # some of them
     python bench_gpu.py decode               # one part in this process, its JSON on the last line
 
-Parts: sampler (ours vs transformers' generate at the Qwen2.5-0.5B shape), decode (paged decode and
+Parts: sampler (ours with and without the fused kernels vs transformers' generate at the Qwen2.5-0.5B
+shape, and the kernels that take the most time in a prefill and in decode steps), decode (paged decode and
 prefill attention vs SDPA), logprob (fused log-prob vs log_softmax + gather), kernels (the kernel and
 sampler tests compiled for the GPU), sft (one SFT step: tokens/s and MFU).
 """
@@ -79,6 +80,7 @@ def gpu_sampler():
     res.update({k + "_unfused": v for k, v in _time_sampler(model, prompts, plens, olens).items()})
     paged_kernels.FUSED = True
     res["fused_speedup"] = res["ours_s_unfused"] / res["ours_s"]
+    res["kernels"] = _kernel_profile(model, prompts[:64])
     res.update(_hf_generate(model, cfg, prompts, olens, 5 if SMOKE else 40))
     res["speedup_vs_hf"] = res["ours_tok_s"] / res["hf_tok_s"]
     return res
@@ -147,6 +149,32 @@ def _hf_generate(model, cfg, prompts, olens, cap):
     tokens = sum(min(o, made) for o in olens)
     return {"hf_s": t, "hf_tokens": tokens, "hf_tok_s": tokens / t, "hf_capped": made < max(olens),
             "transformers": transformers.__version__}
+
+
+def _kernel_profile(model, prompts, top=15):
+    """Where the device time goes: the kernels that take the most in one prefill of `prompts` and in
+    8 eager decode steps of as many sequences, each as [name, calls, total us]."""
+    from torch.profiler import ProfilerActivity, profile
+    dev = _dev()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sampler = Sampler(model, max_batch=len(prompts), max_seq_len=max(map(len, prompts)) + 16, cuda_graphs=False)
+    sampler.generate(prompts[:2], 2, temperature=1.0, seed=1)              # compiles the kernels
+    b = len(prompts)
+
+    def table(prof):
+        key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:top]
+        return [[e.key[:80], e.count, round(getattr(e, key), 1)] for e in rows]
+    with profile(activities=acts) as prefill:
+        sampler.generate(prompts, 1, temperature=1.0, seed=0)              # prefill (and its first token)
+        _sync()
+    sampler.running[:b], sampler.budget[:b] = True, 1 << 30                # the prefilled lanes, decoding on
+    with profile(activities=acts) as decode:
+        for _ in range(8):
+            sampler._step(b, False, 1.0)
+        _sync()
+    return {"prefill_tokens": sum(map(len, prompts)), "prefill": table(prefill), "decode_steps": 8,
+            "decode_batch": b, "decode": table(decode)}
 
 
 def _step_ops(sampler, b):

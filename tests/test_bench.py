@@ -20,6 +20,9 @@ def test_gpu_benchmark_smoke(tmp_path):
     s = res["sampler"]
     assert s["greedy_graphs_equal_eager"] and s["output_tokens"] > 0
     assert s["ours_tok_s"] > 0 and s["hf_tok_s"] > 0 and s["eager_step_ops"] > 0
+    assert s["ours_tok_s_unfused"] > 0 and s["fused_speedup"] > 0
+    k = s["kernels"]
+    assert k["prefill"] and k["decode"] and all(calls > 0 and us >= 0 for _, calls, us in k["prefill"] + k["decode"])
     assert res["decode"]["max_abs_err_ours_vs_ref"] < 1e-2 and res["decode"]["prefill"]["max_abs_err"] < 1e-2
 
 
