@@ -190,3 +190,26 @@ def test_uniforms_have_more_than_32_random_bits():
     # 2^20 draws: ~128 pairs would repeat if u were a function of one 32-bit hash, ~0 with 52 bits
     u = uniform(stream_key(torch.tensor([5]), torch.arange(1024))[:, None], torch.arange(1024))
     assert u.numel() - u.unique().numel() <= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench.py gpu runs it)")
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_on_cuda_greedy_matches_transformers_and_logprobs_a_full_forward(models, cuda_graphs):
+    """The CUDA path whole: paged Triton kernels, the fused forward, CUDA graphs (fp32, IEEE)."""
+    import copy
+    hf, ours = (copy.deepcopy(m).cuda() for m in models)
+    prompts = ragged_prompts(6)
+    prompts += [prompts[1]] * 2
+    sampler = Sampler(ours, max_batch=4, block_size=8, cuda_graphs=cuda_graphs)
+    outs = sampler.generate(prompts, max_new_tokens=16, temperature=0)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    for o, r in zip(outs, ref[:, width:].tolist()):
+        assert o.tokens == r
+    for p, o in zip(prompts, sampler.generate(prompts, 12, temperature=1.0, seed=3)):
+        with torch.no_grad():
+            logits = ours(torch.tensor([p + o.tokens], device="cuda"))[0, len(p) - 1:-1]
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(o.tokens, device="cuda")[:, None])[:, 0]
+        assert torch.allclose(ref.cpu(), torch.tensor(o.logprobs), atol=1e-4)
