@@ -464,8 +464,9 @@ def prefill_attention_ref(q, k_cache, v_cache, block_tables, q_start, q_lens, co
 # 3. The sampler's forward, fused: a decode step of a small model is hundreds of tiny operators, each
 #    a kernel of its own on the GPU (graph replay included). Three of them are one kernel each here:
 #    RMSNorm, the rotary embedding of q and k with the K/V store, SiLU(gate) * up. Each rounds where
-#    torch's sequence of operators rounds (to the tensors' dtype after every operator), so in bf16 it
-#    differs from its reference by the order of a sum at most.
+#    torch's sequence of operators rounds (to the tensors' dtype after every operator): the rotary
+#    kernel equals its reference bit for bit on a GPU; the other two differ by a sum's order and the
+#    GPU's approximate exp and rsqrt, a rounding step or two in bf16.
 # ------------------------------------------------------------------------------------------------
 FUSED = True      # model.py and rollout.py use the kernels below in inference mode (bench.py gpu compares)
 
@@ -554,7 +555,7 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc
 def rope_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping):
     """q [N, heads, hd], k, v [N, n_kv, hd] before the rotary embedding, cos, sin [N, hd] at their
     positions: stores the rotated k and v at slot_mapping as store_kv does -> the rotated q."""
-    if not use_triton(q, "rope_store") or q.shape[0] == 0:
+    if not use_triton(q, "rope_store") or q.shape[0] == 0 or cos.dtype != q.dtype:   # it rounds to q's dtype
         return rope_store_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
     N, n_heads, hd = q.shape
     assert hd % 2 == 0 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -566,7 +567,7 @@ def rope_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping):
         q, k, v, cos, sin, qo, k_cache, v_cache, slot_mapping.contiguous(), q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), k_cache.stride(1),
         N_HEADS=n_heads, N_KV=n_kv, H_PAD=_next_pow2(max(n_heads, n_kv)), HEAD_DIM=hd,
-        HALF_PAD=_next_pow2(hd // 2), num_warps=4)
+        HALF_PAD=_next_pow2(hd // 2), num_warps=4, enable_fp_fusion=False)   # no fma: rounds as torch does
     return run_kernel("rope_store", lambda: (launch(), qo)[1],
                       lambda: rope_store_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping))
 
