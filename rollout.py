@@ -26,6 +26,7 @@ token index) and inverts the distribution's CDF (in float64, so no tail token is
 samples of a prompt do not depend on the batch around it or on how the lanes were filled.
 """
 from collections import deque
+from itertools import chain
 from dataclasses import dataclass, field
 
 import torch
@@ -298,18 +299,18 @@ class Sampler:
         """One forward over every admitted sequence's uncached prompt tokens; samples each one's
         first token and puts the sequences in their lanes."""
         bs, dev = self.block_size, self.device
-        new = [s.prompt[s.cached:] for s in seqs]
-        lens = [len(n) for n in new]
-        ids = torch.tensor([t for n in new for t in n], device=dev)
-        pos = torch.tensor([p for s in seqs for p in range(s.cached, len(s.prompt))], device=dev)
-        slot_map = torch.tensor([s.blocks[p // bs] * bs + p % bs for s in seqs for p in range(s.cached, len(s.prompt))],
-                                device=dev)
+        lens = [len(s.prompt) - s.cached for s in seqs]
+        ids = torch.tensor(list(chain.from_iterable(s.prompt[s.cached:] for s in seqs)), device=dev)
         tables = torch.tensor([s.blocks + [0] * (self.width - len(s.blocks)) for s in seqs], dtype=torch.int32,
                               device=dev)
         prompt_blocks = -(-max(len(s.prompt) for s in seqs) // bs)          # attention reads no further
         q_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
         q_start = q_lens.cumsum(0, dtype=torch.int32) - q_lens
         ctx = torch.tensor([len(s.prompt) for s in seqs], dtype=torch.int32, device=dev)
+        # each new token's sequence, position and cache slot, on the device (not a Python loop per token)
+        seq = torch.repeat_interleave(torch.arange(len(seqs), device=dev), q_lens, output_size=len(ids))
+        pos = torch.arange(len(ids), device=dev) - q_start[seq] + (ctx - q_lens)[seq]
+        slot_map = tables[seq, pos // bs].long() * bs + pos % bs
         sl = torch.tensor([s.lane for s in seqs], device=dev)
         self.cache.set_prefill(slot_map, tables[:, :prompt_blocks], q_start, q_lens, ctx, max(lens), sl)
         h = self.model.hidden(ids[None], pos[None], cache=self.cache)[0]         # [N, H]
