@@ -20,6 +20,7 @@ import time
 import torch
 
 import paged_kernels
+import step_kernels
 from memory_plan import qwen25
 from model import ModelConfig, Transformer, num_params
 from rollout import Sampler
@@ -76,9 +77,9 @@ def gpu_sampler():
     graphed = Sampler(model, max_batch=8, max_seq_len=96).generate(short, 16, temperature=0)
     res["greedy_graphs_equal_eager"] = [o.tokens for o in eager] == [o.tokens for o in graphed]
     res.update(_time_sampler(model, prompts, plens, olens))
-    paged_kernels.FUSED = False          # norms, rotary + store and SiLU * up as torch's operators
+    step_kernels.FUSED = False          # norms, rotary + store and SiLU * up as torch's operators
     res.update({k + "_unfused": v for k, v in _time_sampler(model, prompts, plens, olens).items()})
-    paged_kernels.FUSED = True
+    step_kernels.FUSED = True
     res["fused_speedup"] = res["ours_s_unfused"] / res["ours_s"]
     res["kernels"] = _kernel_profile(model, prompts[:64])
     res.update(_hf_generate(model, cfg, prompts, olens, 5 if SMOKE else 40))
@@ -201,7 +202,6 @@ def _step_ops(sampler, b):
 def gpu_decode():
     """Paged decode attention (B 256, 14/2 heads, hd 64, contexts U[356, 1536], bf16) vs its torch
     reference vs SDPA on a padded cache; and the batched prefill kernel vs its reference."""
-    import paged_kernels
     import torch.nn.functional as F
     dev = _dev()
     B, nh, nkv, hd, bs = (4, 14, 2, 64, 16) if SMOKE else (256, 14, 2, 64, 16)

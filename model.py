@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import paged_kernels
+import step_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -90,8 +90,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalised in fp32 whatever x's dtype, as transformers' Qwen2RMSNorm
-        if paged_kernels.fused(x, "rms_norm"):
-            return paged_kernels.rms_norm(x, self.weight, self.eps)
+        if step_kernels.fused(x, "rms_norm"):
+            return step_kernels.rms_norm(x, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -186,7 +186,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         g, u = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(paged_kernels.silu_mul(g, u) if paged_kernels.fused(g, "silu_mul") else F.silu(g) * u)
+        return self.down_proj(step_kernels.silu_mul(g, u) if step_kernels.fused(g, "silu_mul") else F.silu(g) * u)
 
 
 class Block(nn.Module):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import paged_kernels
 import parallel
+import step_kernels
 from model import apply_rope
 
 MAX_STOP_IDS = 8      # stop ids live in a fixed-size device buffer (a CUDA graph reads it)
@@ -115,8 +116,8 @@ class PagedKVCache:
         if self.prefill is None and self.dense is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             return self._attend_dense(layer, q, k, v)
-        if paged_kernels.fused(q, "rope_store"):     # one kernel: rotate q and k, store k and v
-            q = paged_kernels.rope_store(q, k, v, cos, sin, k_cache, v_cache, self.slot_mapping)
+        if step_kernels.fused(q, "rope_store"):     # one kernel: rotate q and k, store k and v
+            q = step_kernels.rope_store(q, k, v, cos, sin, k_cache, v_cache, self.slot_mapping)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             paged_kernels.store_kv(k, v, k_cache, v_cache, self.slot_mapping)
@@ -459,6 +460,8 @@ def sample(logits, temperature, top_p, u, greedy=False):
     """logits [B, V], uniforms u [B] -> (tokens [B], logprobs [B]): the token whose CDF interval
     holds u. greedy: the argmax, and the log-prob of the untempered distribution. temperature may
     be a tensor (a CUDA graph reads its current value)."""
+    if not greedy and top_p >= 1.0 and torch.is_tensor(temperature) and step_kernels.fused(logits, "sample"):
+        return step_kernels.sample(logits, temperature, u)          # one kernel, no [B, V] temporaries
     logits = logits.float()
     if greedy:
         tok = logits.argmax(-1)

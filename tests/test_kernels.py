@@ -12,6 +12,7 @@ import torch
 
 import paged_kernels
 import logprobs
+import step_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_KERNELS = paged_kernels.HAS_TRITON and (paged_kernels.INTERPRET or torch.cuda.is_available())
@@ -194,7 +195,7 @@ def test_rope_store_ref_matches_definition():
     kc, vc = (c.double() for c in _cache(4, 4, 1, 64, torch.float32))
     slots = torch.tensor([0, 15, -1, 6, 7], device=DEVICE)
     kc2, vc2 = kc.clone(), vc.clone()
-    qo = paged_kernels.rope_store_ref(q, k, v, cos, sin, kc, vc, slots)
+    qo = step_kernels.rope_store_ref(q, k, v, cos, sin, kc, vc, slots)
     store_kv_def(rope_def(k, cos, sin), v, kc2, vc2, slots)
     _close(qo, rope_def(q, cos, sin), 1e-12)
     _close(kc, kc2, 1e-12)
@@ -203,10 +204,10 @@ def test_rope_store_ref_matches_definition():
 
 def test_rms_norm_and_silu_mul_refs_match_definitions():
     x, w = torch.randn(3, 5, 24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
-    _close(paged_kernels.rms_norm_ref(x, w, 1e-6), w * x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt(),
+    _close(step_kernels.rms_norm_ref(x, w, 1e-6), w * x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt(),
            1e-6)   # normalised in float32, as the model does
     g, u = torch.randn(2, 7, dtype=torch.float64), torch.randn(2, 7, dtype=torch.float64)
-    _close(paged_kernels.silu_mul_ref(g, u), g / (1 + torch.exp(-g)) * u, 1e-12)
+    _close(step_kernels.silu_mul_ref(g, u), g / (1 + torch.exp(-g)) * u, 1e-12)
 
 
 def test_token_logprobs_with_no_rows():
@@ -435,8 +436,8 @@ def test_kernel_rope_store(dtype, heads):
     kc, vc = _cache(4, 4, heads[1], heads[2], dtype)
     kc2, vc2 = kc.clone(), vc.clone()
     slots = torch.tensor([0, 15, -1, 6, 7], device=DEVICE)
-    qo = paged_kernels.rope_store(q, k, v, cos, sin, kc, vc, slots)
-    qo2 = paged_kernels.rope_store_ref(q, k, v, cos, sin, kc2, vc2, slots)
+    qo = step_kernels.rope_store(q, k, v, cos, sin, kc, vc, slots)
+    qo2 = step_kernels.rope_store_ref(q, k, v, cos, sin, kc2, vc2, slots)
     assert qo.dtype == q.dtype and qo.shape == q.shape
     if paged_kernels.INTERPRET:
         tol = 1e-6 if dtype == torch.float32 else BF16_TOL
@@ -453,7 +454,7 @@ def test_kernel_rms_norm(dtype):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 9, 96, generator=g) * 3).to(DEVICE, dtype)
     for w in (torch.randn(96, generator=g).to(DEVICE), torch.randn(96, generator=g).to(DEVICE, dtype)):
-        out, ref = paged_kernels.rms_norm(x, w, 1e-6), paged_kernels.rms_norm_ref(x, w, 1e-6)
+        out, ref = step_kernels.rms_norm(x, w, 1e-6), step_kernels.rms_norm_ref(x, w, 1e-6)
         assert out.dtype == ref.dtype and out.shape == ref.shape
         _close(out, ref, 1e-5 if dtype == torch.float32 else BF16_TOL)   # rounded to x.dtype once
 
@@ -463,8 +464,8 @@ def test_kernel_rms_norm(dtype):
 def test_kernel_silu_mul(dtype):
     g = torch.Generator().manual_seed(0)
     a, b = ((torch.randn(3, 1500, generator=g) * 4).to(DEVICE, dtype) for _ in range(2))   # two programs, one partial
-    out = paged_kernels.silu_mul(a, b)
-    _close(out, paged_kernels.silu_mul_ref(a, b), 1e-5 if dtype == torch.float32 else BF16_TOL)
+    out = step_kernels.silu_mul(a, b)
+    _close(out, step_kernels.silu_mul_ref(a, b), 1e-5 if dtype == torch.float32 else BF16_TOL)
 
 
 @needs_triton
@@ -486,11 +487,33 @@ def test_kernel_sampler_fused_equals_unfused(dense, monkeypatch):
     launched, real = set(), paged_kernels.run_kernel
     monkeypatch.setattr(paged_kernels, "run_kernel", lambda name, *a: launched.add(name) or real(name, *a))
     fused = run()
-    assert {"rms_norm", "rope_store", "silu_mul"} <= launched
-    monkeypatch.setattr(paged_kernels, "FUSED", False)
+    assert {"rms_norm", "rope_store", "silu_mul", "sample"} <= launched
+    monkeypatch.setattr(step_kernels, "FUSED", False)
     launched.clear()
     plain = run()
-    assert not launched & {"rms_norm", "rope_store", "silu_mul"}
+    assert not launched & {"rms_norm", "rope_store", "silu_mul", "sample"}
     for a, b in zip(fused, plain):
         assert a.tokens == b.tokens
         _close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), 1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_sample(dtype):
+    """The one-kernel sampler against rollout.sample: same tokens, same log-probs, over a vocabulary
+    of several tiles whose last is partial, uniforms at the extremes included."""
+    from rollout import sample as sample_ref
+    g = torch.Generator().manual_seed(0)
+    B, V = 64, 9000
+    logits = (torch.randn(B, V, generator=g) * 4).to(DEVICE, dtype)
+    logits[:8, :100] += 30                                  # rows whose mass sits in one tile
+    u = torch.rand(B, generator=g, dtype=torch.float64)
+    u[:3] = torch.tensor([2.0 ** -53, 0.5, 1 - 2.0 ** -53], dtype=torch.float64)
+    u = u.to(DEVICE)
+    for t in (1.0, 0.7):
+        temp = torch.tensor([t], device=DEVICE)
+        tok, lp = step_kernels.sample(logits, temp, u)
+        ref_tok, ref_lp = sample_ref(logits, temp, 1.0, u)
+        assert tok.dtype == torch.long and lp.dtype == torch.float32
+        assert torch.equal(tok, ref_tok)
+        _close(lp, ref_lp, 1e-5)
