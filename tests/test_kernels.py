@@ -306,6 +306,12 @@ def test_import_without_triton():
             "assert not paged_kernels.HAS_TRITON\n"
             "h, w = torch.randn(3, 8, requires_grad=True), torch.randn(10, 8)\n"
             "logprobs.token_logprobs(h, w, torch.tensor([1, 2, 3])).sum().backward()\n"
+            "from model import ModelConfig, Transformer\n"          # the sampler, through step_kernels
+            "from rollout import Sampler\n"
+            "cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,\n"
+            "                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)\n"
+            "outs = Sampler(Transformer(cfg), max_batch=2, max_seq_len=16).generate([[1, 2], [3]], 3, seed=0)\n"
+            "assert [len(o.tokens) for o in outs] == [3, 3]\n"
             "print('ok')")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
