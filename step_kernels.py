@@ -11,8 +11,9 @@ model.py and rollout.py call them in inference mode (the sampler) where `fused` 
 and no-grad forwards keep torch's operators, whose results transformers' match bit for bit. Each
 kernel rounds where torch's operators round (to the tensors' dtype after every operator): the rotary
 kernel equals its reference bit for bit on a GPU; the norm and SiLU kernels differ by a sum's order
-and the GPU's approximate exp and rsqrt, a rounding step or two in bf16; the sampler sums in another
-order, which moves a token only where u falls within ~1e-16 of a CDF step. Dispatch and fallback are
+and the GPU's approximate exp and rsqrt, a rounding step or two in bf16; the sampler's float32
+log-probabilities differ from torch's by a rounding or two (another summation order, the GPU's
+approximate exp and division), which moves a token only where u falls that close to a CDF step. Dispatch and fallback are
 paged_kernels.py's (NANOSATORI_KERNELS).
 """
 import torch
@@ -166,18 +167,18 @@ def _sample_kernel(logits_ptr, temp_ptr, u_ptr, tok_ptr, lp_ptr, V, stride_l, BL
     row = logits_ptr + r * stride_l
     t = tl.load(temp_ptr).to(tl.float32)
     c = tl.arange(0, BLOCK)
-    m = float("-inf")
+    m = -3.0e38                                        # finite: a tile of -inf logits adds exp(-inf) = 0
     s = 0.0
     for start in range(0, V, BLOCK):
         x = tl.load(row + start + c, mask=start + c < V, other=float("-inf")).to(tl.float32) / t
-        m_new = tl.maximum(m, tl.max(x, 0))            # finite: every tile holds a token
+        m_new = tl.maximum(m, tl.max(x, 0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
         m = m_new
     log_s = tl.log(s)
-    total = tl.zeros([1], tl.float64)                  # summed tile by tile, as the scan below sums
+    total = tl.zeros([1], tl.float64)                  # summed exactly as the scan below sums: it reaches total
     for start in range(0, V, BLOCK):
         x = tl.load(row + start + c, mask=start + c < V, other=float("-inf")).to(tl.float32) / t
-        total += tl.sum(tl.exp(x - m - log_s).to(tl.float64), 0)
+        total += tl.max(tl.cumsum(tl.exp(x - m - log_s).to(tl.float64), 0), 0)
     target = tl.load(u_ptr + r) * total
     below = tl.zeros([1], tl.float64)                  # probability of the tokens before this tile
     tok = V                                            # the first token whose CDF reaches target
@@ -189,8 +190,8 @@ def _sample_kernel(logits_ptr, temp_ptr, u_ptr, tok_ptr, lp_ptr, V, stride_l, BL
         cdf = below + tl.cumsum(p, 0)
         tok = tl.minimum(tok, tl.min(tl.where((idx < V) & (cdf >= target), idx, V), 0))
         last = tl.maximum(last, tl.max(tl.where(p > 0, idx, 0), 0))
-        below += tl.sum(p, 0)
-    tok = tl.where(tok < V, tok, last)                 # sums that round below target: the CDF's last rise
+        below = tl.zeros([1], tl.float64) + tl.max(cdf, 0)      # the scan's end: total, at the last tile
+    tok = tl.where(tok < V, tok, last)                 # a guard: the scan ends at total >= target
     tl.store(tok_ptr + r, tok.to(tl.int64))
     tl.store(lp_ptr + r, tl.load(row + tok).to(tl.float32) / t - m - log_s)
 
@@ -199,7 +200,10 @@ def sample(logits, temperature, u):
     """rollout.sample for top_p 1 (not greedy) as one kernel: logits [B, V], temperature a [1] tensor,
     u [B] float64 -> (tokens [B] int64, log-probs [B] float32)."""
     from rollout import sample as sample_ref    # here, not at the top: rollout.py imports this module
-    if not paged_kernels.use_triton(logits, "sample") or logits.shape[0] == 0:
+    if logits.shape[0] == 0:
+        return (torch.zeros(0, dtype=torch.long, device=logits.device),
+                torch.zeros(0, dtype=torch.float32, device=logits.device))
+    if not paged_kernels.use_triton(logits, "sample"):
         return sample_ref(logits, temperature, 1.0, u)
     B, V = logits.shape
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()

@@ -513,8 +513,9 @@ def test_kernel_sample(dtype):
     B, V = 64, 9000
     logits = (torch.randn(B, V, generator=g) * 4).to(DEVICE, dtype)
     logits[:8, :100] += 30                                  # rows whose mass sits in one tile
+    logits[8, :4096] = float("-inf")                        # a first tile of impossible tokens
     u = torch.rand(B, generator=g, dtype=torch.float64)
-    u[:3] = torch.tensor([2.0 ** -53, 0.5, 1 - 2.0 ** -53], dtype=torch.float64)
+    u[:3] = torch.tensor([2.0 ** -53, 0.5, 1 - 2.0 ** -30], dtype=torch.float64)   # nearer 1: rounding decides
     u = u.to(DEVICE)
     for t in (1.0, 0.7):
         temp = torch.tensor([t], device=DEVICE)
