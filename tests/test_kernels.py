@@ -234,6 +234,7 @@ def test_kernel_choice_from_the_environment():
 def test_a_kernel_that_fails_falls_back_once(monkeypatch):
     """NANOSATORI_KERNELS=auto: a first launch that raises (a compile error) warns once and runs the
     reference from then on; =triton: the error propagates."""
+    monkeypatch.setattr(paged_kernels, "KERNELS", "auto")      # bench.py gpu runs the tests with =triton
     monkeypatch.setattr(paged_kernels, "_failed", set())
     monkeypatch.setattr(paged_kernels, "_ran", set())
     calls = []
