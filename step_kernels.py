@@ -13,8 +13,8 @@ kernel rounds where torch's operators round (to the tensors' dtype after every o
 kernel equals its reference bit for bit on a GPU; the norm and SiLU kernels differ by a sum's order
 and the GPU's approximate exp and rsqrt, a rounding step or two in bf16; the sampler's float32
 log-probabilities differ from torch's by a rounding or two (another summation order, the GPU's
-approximate exp and division), which moves a token only where u falls that close to a CDF step. Dispatch and fallback are
-paged_kernels.py's (NANOSATORI_KERNELS).
+approximate exp and division), which moves a token only where u falls that close to a CDF step.
+Dispatch and fallback are paged_kernels.py's (NANOSATORI_KERNELS).
 """
 import torch
 import torch.nn.functional as F
@@ -211,4 +211,5 @@ def sample(logits, temperature, u):
     lp = torch.empty(B, device=logits.device, dtype=torch.float32)
     launch = lambda: _sample_kernel[(B,)](logits, temperature, u.contiguous(), tok, lp, V, logits.stride(0),
                                           BLOCK=min(4096, paged_kernels._next_pow2(V)), num_warps=8)
-    return paged_kernels.run_kernel("sample", lambda: (launch(), (tok, lp))[1], lambda: sample_ref(logits, temperature, 1.0, u))
+    return paged_kernels.run_kernel("sample", lambda: (launch(), (tok, lp))[1],
+                                    lambda: sample_ref(logits, temperature, 1.0, u))
