@@ -77,7 +77,7 @@ def gpu_sampler():
     graphed = Sampler(model, max_batch=8, max_seq_len=96).generate(short, 16, temperature=0)
     res["greedy_graphs_equal_eager"] = [o.tokens for o in eager] == [o.tokens for o in graphed]
     res.update(_time_sampler(model, prompts, plens, olens))
-    step_kernels.FUSED = False          # norms, rotary + store and SiLU * up as torch's operators
+    step_kernels.FUSED = False          # norms, rotary + store, SiLU * up and sampling as torch's operators
     res.update({k + "_unfused": v for k, v in _time_sampler(model, prompts, plens, olens).items()})
     step_kernels.FUSED = True
     res["fused_speedup"] = res["ours_s_unfused"] / res["ours_s"]
@@ -88,8 +88,8 @@ def gpu_sampler():
 
 
 def _time_sampler(model, prompts, plens, olens):
-    """One timed generate of a fresh sampler (its graphs captured first): tok/s, where the GPU time
-    goes, and the launches of one eager step."""
+    """A fresh sampler (its graphs captured first), the second of two generate calls timed: tok/s,
+    where the GPU time goes, and the launches of one eager step."""
     dev, n = _dev(), len(prompts)
     sampler = Sampler(model, max_batch=n, max_seq_len=max(p + o for p, o in zip(plens, olens)))
     t0 = time.perf_counter()

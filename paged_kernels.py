@@ -457,4 +457,3 @@ def prefill_attention_ref(q, k_cache, v_cache, block_tables, q_start, q_lens, co
         o = F.scaled_dot_product_attention(qp, k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True)
         out[rows[valid]] = o.transpose(1, 2)[valid].to(q.dtype)                       # [c, Tq, H, hd] -> rows
     return out
-

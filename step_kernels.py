@@ -181,17 +181,15 @@ def _sample_kernel(logits_ptr, temp_ptr, u_ptr, tok_ptr, lp_ptr, V, stride_l, BL
         total += tl.max(tl.cumsum(tl.exp(x - m - log_s).to(tl.float64), 0), 0)
     target = tl.load(u_ptr + r) * total
     below = tl.zeros([1], tl.float64)                  # probability of the tokens before this tile
-    tok = V                                            # the first token whose CDF reaches target
-    last = 0                                           # the last token of nonzero probability
+    tok = V - 1                                        # the first token whose CDF reaches target (always
+                                                       # one: u < 1; V - 1 as rollout.sample clamps)
     for start in range(0, V, BLOCK):
         idx = start + c
         x = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) / t
         p = tl.exp(x - m - log_s).to(tl.float64)
         cdf = below + tl.cumsum(p, 0)
         tok = tl.minimum(tok, tl.min(tl.where((idx < V) & (cdf >= target), idx, V), 0))
-        last = tl.maximum(last, tl.max(tl.where(p > 0, idx, 0), 0))
         below = tl.zeros([1], tl.float64) + tl.max(cdf, 0)      # the scan's end: total, at the last tile
-    tok = tl.where(tok < V, tok, last)                 # a guard: the scan ends at total >= target
     tl.store(tok_ptr + r, tok.to(tl.int64))
     tl.store(lp_ptr + r, tl.load(row + tok).to(tl.float32) / t - m - log_s)
 

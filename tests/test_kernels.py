@@ -478,7 +478,7 @@ def test_kernel_silu_mul(dtype):
 @needs_triton
 @pytest.mark.parametrize("dense", [True, False])
 def test_kernel_sampler_fused_equals_unfused(dense, monkeypatch):
-    """The sampler's forward with the fused kernels (norms, rotary + store, SiLU * up) samples the
+    """The sampler with the step kernels (norms, rotary + store, SiLU * up, sampling) samples the
     same tokens as with torch's operators, through prefill, shared prefixes and decode."""
     from model import ModelConfig, Transformer
     from rollout import Sampler
